@@ -1,0 +1,110 @@
+# nbdkit-qcow2: a read-write qcow2 plugin for nbdkit over a standalone core.
+
+CC       ?= gcc
+PKG_CONFIG ?= pkg-config
+PLUGINDIR ?= $(shell $(PKG_CONFIG) --variable=plugindir nbdkit 2>/dev/null)
+MANDIR   ?= /usr/share/man
+DESTDIR  ?=
+
+WARN     := -Wall -Wextra -Wno-unused-parameter -Wshadow -Wvla -Werror
+CFLAGS   ?= -O2 -g
+CFLAGS   += -std=gnu11 -fPIC $(WARN) -D_GNU_SOURCE -pthread
+CPPFLAGS += -Iqcow2core $(shell $(PKG_CONFIG) --cflags nbdkit 2>/dev/null)
+LIBS     := -lzstd -lz -lnettle -pthread
+
+# `make SANITIZE=1` builds everything with ASan+UBSan into build-san/.
+ifeq ($(SANITIZE),1)
+BUILD    := build-san
+CFLAGS   += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+LDFLAGS  += -fsanitize=address,undefined
+else
+BUILD    := build
+endif
+
+CORE_SRCS := $(wildcard qcow2core/*.c)
+CORE_OBJS := $(patsubst qcow2core/%.c,$(BUILD)/core/%.o,$(CORE_SRCS))
+CORE_LIB  := $(BUILD)/libqcow2core.a
+PLUGIN_SO := $(BUILD)/nbdkit-qcow2-plugin.so
+UNIT_SRCS := $(wildcard tests/unit/test-*.c)
+UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/unit/%,$(UNIT_SRCS))
+
+.PHONY: all deps check check-unit check-bats check-sanitize install uninstall serve clean man
+
+all: $(PLUGIN_SO) plugin/nbdkit-qcow2-plugin.so $(CORE_LIB) $(UNIT_BINS)
+
+# The documented path of the plugin is plugin/nbdkit-qcow2-plugin.so.
+plugin/nbdkit-qcow2-plugin.so: $(PLUGIN_SO)
+	ln -sf ../$(PLUGIN_SO) $@
+
+$(BUILD)/core/%.o: qcow2core/%.c $(wildcard qcow2core/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -c $< -o $@
+
+$(CORE_LIB): $(CORE_OBJS)
+	rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/plugin/%.o: plugin/%.c $(wildcard plugin/*.h) qcow2core/qcow2.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -fvisibility=hidden -c $< -o $@
+
+PLUGIN_OBJS := $(patsubst plugin/%.c,$(BUILD)/plugin/%.o,$(wildcard plugin/*.c))
+
+$(PLUGIN_SO): $(PLUGIN_OBJS) $(CORE_LIB) plugin/plugin.syms
+	$(CC) $(CFLAGS) $(LDFLAGS) -shared -fvisibility=hidden \
+	  -Wl,--version-script=plugin/plugin.syms \
+	  -o $@ $(PLUGIN_OBJS) $(CORE_LIB) $(LIBS)
+
+$(BUILD)/unit/%: tests/unit/%.c $(CORE_LIB) $(wildcard tests/unit/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) -Iqcow2core $(CFLAGS) $(LDFLAGS) -o $@ $< $(CORE_LIB) $(LIBS)
+
+man: plugin/nbdkit-qcow2-plugin.1
+plugin/nbdkit-qcow2-plugin.1: plugin/nbdkit-qcow2-plugin.pod
+	podchecker $<
+	pod2man --section=1 --center=nbdkit --release=nbdkit-qcow2 $< > $@
+
+# Everything build and test need on Debian 12; apt-get is idempotent.
+DEPS := nbdkit nbdkit-plugin-dev libnbd-bin python3-libnbd qemu-utils \
+        zlib1g-dev libzstd-dev nettle-dev bats fio pkg-config gcc make \
+        perl
+deps:
+	@if dpkg -s $(DEPS) >/dev/null 2>&1; then \
+	  echo "deps: all installed"; \
+	else \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEPS); \
+	fi
+
+check: all
+	$(MAKE) check-unit check-bats
+
+check-unit: $(UNIT_BINS)
+	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
+
+# PLUGIN is what the bats tests load; SANITIZE builds point it at build-san.
+check-bats: $(PLUGIN_SO)
+	PLUGIN=$(CURDIR)/$(PLUGIN_SO) SANITIZE=$(SANITIZE) bats --tap tests/
+
+check-sanitize:
+	$(MAKE) SANITIZE=1 all
+	$(MAKE) SANITIZE=1 check-unit check-bats
+
+install: $(PLUGIN_SO) man
+	install -d $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(MANDIR)/man1
+	install -m 0755 $(PLUGIN_SO) $(DESTDIR)$(PLUGINDIR)/nbdkit-qcow2-plugin.so
+	install -m 0644 plugin/nbdkit-qcow2-plugin.1 $(DESTDIR)$(MANDIR)/man1/
+
+uninstall:
+	rm -f $(DESTDIR)$(PLUGINDIR)/nbdkit-qcow2-plugin.so \
+	      $(DESTDIR)$(MANDIR)/man1/nbdkit-qcow2-plugin.1
+
+# make serve [FILE=disk.qcow2] [PORT=10809 | SOCKET=/path]
+serve: deps
+	$(MAKE) all
+	@FILE="$(FILE)" PORT="$(PORT)" SOCKET="$(SOCKET)" \
+	  PLUGIN="$(CURDIR)/$(PLUGIN_SO)" sh tests/serve.sh
+
+clean:
+	rm -rf build build-san plugin/nbdkit-qcow2-plugin.so plugin/nbdkit-qcow2-plugin.1

@@ -1,0 +1,240 @@
+/* nbdkit-qcow2-plugin: nbdkit glue over qcow2core.  No qcow2 logic
+ * lives here: each callback translates to one core call and turns the
+ * core's -errno and message into an nbdkit error. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include "qcow2.h"
+
+/* to enable: -D qcow2.extents=1 */
+NBDKIT_DLL_PUBLIC int qcow2_debug_extents;
+
+static char *filename;                  /* file=, absolute */
+static uint64_t l2_cache_size;          /* l2-cache-size=, 0 = default */
+static struct q2_image *image;          /* shared by every connection */
+
+#define PLUGIN_VERSION "0.1"
+
+static void
+qcow2_unload (void)
+{
+  if (image && q2_close (image) < 0)
+    nbdkit_error ("%s", q2_last_error ());
+  image = NULL;
+  free (filename);
+}
+
+static int
+qcow2_config (const char *key, const char *value)
+{
+  if (strcmp (key, "file") == 0) {
+    free (filename);
+    /* Resolve now: a daemonized nbdkit changes directory to /. */
+    filename = nbdkit_realpath (value);
+    if (filename == NULL)
+      return -1;
+  }
+  else if (strcmp (key, "l2-cache-size") == 0) {
+    int64_t r = nbdkit_parse_size (value);
+    if (r == -1)
+      return -1;
+    l2_cache_size = r;
+  }
+  else {
+    nbdkit_error ("unknown parameter '%s'", key);
+    return -1;
+  }
+  return 0;
+}
+
+static int
+qcow2_config_complete (void)
+{
+  if (filename == NULL) {
+    nbdkit_error ("you must supply the file=<FILENAME> parameter");
+    return -1;
+  }
+  return 0;
+}
+
+#define qcow2_config_help \
+  "[file=]<FILENAME>     (required) The qcow2 image to serve.\n" \
+  "l2-cache-size=<SIZE>  Bytes of L2 table cache (default: enough for\n" \
+  "                      the whole image, at most 32M)."
+
+static void
+qcow2_dump_plugin (void)
+{
+  printf ("qcow2_version=%s\n", PLUGIN_VERSION);
+  printf ("qcow2_zlib=yes\n");
+  printf ("qcow2_zstd=%s\n", q2_have_zstd () ? "yes" : "no");
+  printf ("qcow2_extended_l2=yes\n");
+  printf ("qcow2_backing_files=yes\n");
+  printf ("qcow2_external_data_file=yes\n");
+  printf ("qcow2_write=no\n");
+}
+
+/* Open and check the image before forking, where errors are visible to
+ * the user and nbdkit exits non-zero. */
+static int
+qcow2_get_ready (void)
+{
+  struct q2_open_opts opts = { .readonly = true,
+                               .l2_cache_size = l2_cache_size };
+  int r = q2_open (filename, &opts, &image);
+
+  if (r < 0) {
+    nbdkit_error ("%s", q2_last_error ());
+    return -1;
+  }
+  nbdkit_debug ("qcow2: %s: virtual size %" PRIu64 ", cluster size %u",
+                filename, q2_virtual_size (image), q2_cluster_size (image));
+  return 0;
+}
+
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+
+static void *
+qcow2_open (int readonly)
+{
+  return NBDKIT_HANDLE_NOT_NEEDED;
+}
+
+/* Reports a core failure to nbdkit and the client. */
+static int
+core_error (int r)
+{
+  nbdkit_error ("%s", q2_last_error ());
+  nbdkit_set_error (-r);
+  return -1;
+}
+
+static int64_t
+qcow2_get_size (void *handle)
+{
+  return q2_virtual_size (image);
+}
+
+static int
+qcow2_block_size (void *handle, uint32_t *minimum, uint32_t *preferred,
+                  uint32_t *maximum)
+{
+  uint32_t cs = q2_cluster_size (image);
+
+  *minimum = 1;
+  /* nbdkit wants the preferred size in 512..32M. */
+  *preferred = cs < 512 ? 512 : cs;
+  *maximum = 0xffffffff;
+  return 0;
+}
+
+static int
+qcow2_can_write (void *handle)
+{
+  return 0;
+}
+
+static int
+qcow2_can_multi_conn (void *handle)
+{
+  /* Every connection shares one image state. */
+  return 1;
+}
+
+static int
+qcow2_is_rotational (void *handle)
+{
+  return 0;
+}
+
+static int
+qcow2_can_cache (void *handle)
+{
+  return NBDKIT_CACHE_NATIVE;
+}
+
+static int
+qcow2_can_extents (void *handle)
+{
+  return 1;
+}
+
+static int
+qcow2_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
+             uint32_t flags)
+{
+  int r = q2_pread (image, buf, count, offset);
+
+  return r < 0 ? core_error (r) : 0;
+}
+
+static int
+add_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
+{
+  struct nbdkit_extents *extents = opaque;
+
+  if (qcow2_debug_extents)
+    nbdkit_debug ("extent %" PRIu64 "+%" PRIu64 " flags %u",
+                  offset, length, flags);
+  return nbdkit_add_extent (extents, offset, length, flags) == -1 ? -1 : 0;
+}
+
+static int
+qcow2_extents (void *handle, uint32_t count, uint64_t offset, uint32_t flags,
+               struct nbdkit_extents *extents)
+{
+  int r = q2_extents (image, offset, count, flags & NBDKIT_FLAG_REQ_ONE,
+                      add_extent, extents);
+
+  if (r == -1)
+    return -1;                  /* nbdkit_add_extent already reported it */
+  return r < 0 ? core_error (r) : 0;
+}
+
+static int
+qcow2_cache (void *handle, uint32_t count, uint64_t offset, uint32_t flags)
+{
+  int r;
+
+  if (flags != 0) {
+    nbdkit_error ("cache: unexpected flags %#" PRIx32, flags);
+    nbdkit_set_error (EINVAL);
+    return -1;
+  }
+  r = q2_cache (image, offset, count);
+  return r < 0 ? core_error (r) : 0;
+}
+
+static struct nbdkit_plugin plugin = {
+  .name              = "qcow2",
+  .longname          = "nbdkit qcow2 plugin",
+  .version           = PLUGIN_VERSION,
+  .description       = "Serve qcow2 disk images",
+  .unload            = qcow2_unload,
+  .config            = qcow2_config,
+  .config_complete   = qcow2_config_complete,
+  .config_help       = qcow2_config_help,
+  .magic_config_key  = "file",
+  .dump_plugin       = qcow2_dump_plugin,
+  .get_ready         = qcow2_get_ready,
+  .open              = qcow2_open,
+  .get_size          = qcow2_get_size,
+  .block_size        = qcow2_block_size,
+  .can_write         = qcow2_can_write,
+  .can_multi_conn    = qcow2_can_multi_conn,
+  .is_rotational     = qcow2_is_rotational,
+  .can_cache         = qcow2_can_cache,
+  .can_extents       = qcow2_can_extents,
+  .pread             = qcow2_pread,
+  .extents           = qcow2_extents,
+  .cache             = qcow2_cache,
+  .errno_is_preserved = 1,
+};
+
+NBDKIT_REGISTER_PLUGIN (plugin)

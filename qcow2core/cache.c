@@ -1,0 +1,280 @@
+/* A bounded LRU cache of metadata slices (L2 tables, refcount blocks),
+ * keyed by host offset.  Slot memory is allocated on first use, so a
+ * generous limit costs nothing on a small image.  The caller serialises
+ * access with its own lock. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define NIL UINT32_MAX
+
+struct slot {
+  uint64_t key;
+  uint8_t *data;
+  bool valid;
+  bool dirty;
+  uint32_t prev, next;          /* LRU list, head = most recent */
+  uint32_t hnext;               /* hash chain */
+};
+
+struct q2_cache {
+  uint32_t slice_size;
+  uint32_t nb_slots;
+  struct slot *slots;
+  uint32_t *hash;
+  uint32_t hash_mask;
+  uint32_t head, tail;
+  q2_cache_writeback_fn writeback;
+  void *opaque;
+};
+
+struct q2_cache *
+q2_cache_new (uint32_t slice_size, uint32_t nb_slots,
+              q2_cache_writeback_fn writeback, void *opaque)
+{
+  struct q2_cache *c;
+  uint32_t i, hsize = 1;
+
+  if (nb_slots < 2)
+    nb_slots = 2;
+  while (hsize < nb_slots * 2)
+    hsize <<= 1;
+  c = calloc (1, sizeof *c);
+  if (c == NULL)
+    return NULL;
+  c->slice_size = slice_size;
+  c->nb_slots = nb_slots;
+  c->writeback = writeback;
+  c->opaque = opaque;
+  c->slots = calloc (nb_slots, sizeof *c->slots);
+  c->hash = malloc (hsize * sizeof *c->hash);
+  if (c->slots == NULL || c->hash == NULL) {
+    q2_cache_free (c);
+    return NULL;
+  }
+  c->hash_mask = hsize - 1;
+  for (i = 0; i < hsize; i++)
+    c->hash[i] = NIL;
+  /* All slots start on the LRU list, unused ones at the tail end. */
+  for (i = 0; i < nb_slots; i++) {
+    c->slots[i].prev = i == 0 ? NIL : i - 1;
+    c->slots[i].next = i + 1 == nb_slots ? NIL : i + 1;
+    c->slots[i].hnext = NIL;
+  }
+  c->head = 0;
+  c->tail = nb_slots - 1;
+  return c;
+}
+
+void
+q2_cache_free (struct q2_cache *c)
+{
+  uint32_t i;
+
+  if (c == NULL)
+    return;
+  if (c->slots)
+    for (i = 0; i < c->nb_slots; i++)
+      free (c->slots[i].data);
+  free (c->slots);
+  free (c->hash);
+  free (c);
+}
+
+uint32_t
+q2_cache_slice_size (const struct q2_cache *c)
+{
+  return c->slice_size;
+}
+
+static uint32_t
+bucket (const struct q2_cache *c, uint64_t key)
+{
+  uint64_t k = key / c->slice_size;
+  return (uint32_t) ((k * 0x9e3779b97f4a7c15ULL) >> 32) & c->hash_mask;
+}
+
+static void
+lru_unlink (struct q2_cache *c, uint32_t i)
+{
+  struct slot *s = &c->slots[i];
+
+  if (s->prev != NIL) c->slots[s->prev].next = s->next; else c->head = s->next;
+  if (s->next != NIL) c->slots[s->next].prev = s->prev; else c->tail = s->prev;
+}
+
+static void
+lru_push_front (struct q2_cache *c, uint32_t i)
+{
+  struct slot *s = &c->slots[i];
+
+  s->prev = NIL;
+  s->next = c->head;
+  if (c->head != NIL)
+    c->slots[c->head].prev = i;
+  c->head = i;
+  if (c->tail == NIL)
+    c->tail = i;
+}
+
+static uint32_t
+lookup (const struct q2_cache *c, uint64_t key)
+{
+  uint32_t i;
+
+  for (i = c->hash[bucket (c, key)]; i != NIL; i = c->slots[i].hnext)
+    if (c->slots[i].key == key)
+      return i;
+  return NIL;
+}
+
+static void
+hash_remove (struct q2_cache *c, uint32_t i)
+{
+  uint32_t *p = &c->hash[bucket (c, c->slots[i].key)];
+
+  while (*p != NIL && *p != i)
+    p = &c->slots[*p].hnext;
+  if (*p == i)
+    *p = c->slots[i].hnext;
+  c->slots[i].hnext = NIL;
+}
+
+static int
+write_back_slot (struct q2_cache *c, uint32_t i)
+{
+  struct slot *s = &c->slots[i];
+  int r;
+
+  if (!s->valid || !s->dirty)
+    return 0;
+  r = c->writeback (c->opaque, s->key, s->data, c->slice_size);
+  if (r < 0)
+    return r;
+  s->dirty = false;
+  return 0;
+}
+
+static uint32_t
+find_or_evict (struct q2_cache *c, uint64_t key, bool *hit, int *err)
+{
+  uint32_t i = lookup (c, key);
+
+  *err = 0;
+  *hit = i != NIL;
+  if (i == NIL) {
+    i = c->tail;
+    if ((*err = write_back_slot (c, i)) < 0)
+      return NIL;
+    if (c->slots[i].valid)
+      hash_remove (c, i);
+    c->slots[i].valid = false;
+    if (c->slots[i].data == NULL &&
+        (c->slots[i].data = malloc (c->slice_size)) == NULL) {
+      *err = q2_err (ENOMEM, "out of memory for a metadata cache slice");
+      return NIL;
+    }
+  }
+  lru_unlink (c, i);
+  lru_push_front (c, i);
+  return i;
+}
+
+static void
+install (struct q2_cache *c, uint32_t i, uint64_t key)
+{
+  uint32_t b = bucket (c, key);
+
+  c->slots[i].key = key;
+  c->slots[i].valid = true;
+  c->slots[i].dirty = false;
+  c->slots[i].hnext = c->hash[b];
+  c->hash[b] = i;
+}
+
+int
+q2_cache_get (struct q2_cache *c, int fd, uint64_t offset, const char *what,
+              uint8_t **data)
+{
+  bool hit;
+  int r;
+  uint32_t i = find_or_evict (c, offset, &hit, &r);
+
+  if (i == NIL)
+    return r;
+  if (!hit) {
+    r = q2_io_pread (fd, c->slots[i].data, c->slice_size, offset, false,
+                     what);
+    if (r < 0)
+      return r;
+    install (c, i, offset);
+  }
+  *data = c->slots[i].data;
+  return 0;
+}
+
+int
+q2_cache_get_empty (struct q2_cache *c, uint64_t offset, uint8_t **data)
+{
+  bool hit;
+  int r;
+  uint32_t i = find_or_evict (c, offset, &hit, &r);
+
+  if (i == NIL)
+    return r;
+  if (!hit)
+    install (c, i, offset);
+  memset (c->slots[i].data, 0, c->slice_size);
+  c->slots[i].dirty = true;
+  *data = c->slots[i].data;
+  return 0;
+}
+
+void
+q2_cache_mark_dirty (struct q2_cache *c, uint64_t offset)
+{
+  uint32_t i = lookup (c, offset);
+
+  if (i != NIL)
+    c->slots[i].dirty = true;
+}
+
+bool
+q2_cache_has_dirty (const struct q2_cache *c)
+{
+  uint32_t i;
+
+  for (i = 0; i < c->nb_slots; i++)
+    if (c->slots[i].valid && c->slots[i].dirty)
+      return true;
+  return false;
+}
+
+int
+q2_cache_flush (struct q2_cache *c)
+{
+  uint32_t i;
+  int r;
+
+  for (i = 0; i < c->nb_slots; i++)
+    if ((r = write_back_slot (c, i)) < 0)
+      return r;
+  return 0;
+}
+
+void
+q2_cache_discard (struct q2_cache *c, uint64_t offset, uint64_t length)
+{
+  uint32_t i;
+
+  for (i = 0; i < c->nb_slots; i++) {
+    struct slot *s = &c->slots[i];
+    if (s->valid && s->key >= offset && s->key - offset < length) {
+      hash_remove (c, i);
+      s->valid = false;
+      s->dirty = false;
+    }
+  }
+}

@@ -1,0 +1,289 @@
+/* qcow2core internals shared between the core's source files. */
+#ifndef QCOW2CORE_INTERNAL_H
+#define QCOW2CORE_INTERNAL_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "qcow2.h"
+
+/* ---- small helpers ---- */
+#define Q2_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define Q2_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define Q2_ROUND_DOWN(x, a) ((x) & ~((uint64_t) (a) - 1))
+#define Q2_ROUND_UP(x, a) (((x) + (a) - 1) & ~((uint64_t) (a) - 1))
+#define Q2_IS_ALIGNED(x, a) (((x) & ((uint64_t) (a) - 1)) == 0)
+
+static inline uint16_t q2_be16 (const void *p)
+{
+  const uint8_t *b = p;
+  return (uint16_t) (b[0] << 8 | b[1]);
+}
+static inline uint32_t q2_be32 (const void *p)
+{
+  const uint8_t *b = p;
+  return (uint32_t) b[0] << 24 | (uint32_t) b[1] << 16 |
+         (uint32_t) b[2] << 8 | b[3];
+}
+static inline uint64_t q2_be64 (const void *p)
+{
+  return (uint64_t) q2_be32 (p) << 32 | q2_be32 ((const uint8_t *) p + 4);
+}
+static inline void q2_put_be16 (void *p, uint16_t v)
+{
+  uint8_t *b = p;
+  b[0] = v >> 8; b[1] = v;
+}
+static inline void q2_put_be32 (void *p, uint32_t v)
+{
+  uint8_t *b = p;
+  b[0] = v >> 24; b[1] = v >> 16; b[2] = v >> 8; b[3] = v;
+}
+static inline void q2_put_be64 (void *p, uint64_t v)
+{
+  q2_put_be32 (p, v >> 32);
+  q2_put_be32 ((uint8_t *) p + 4, v);
+}
+
+/* ---- error.c ---- */
+/* Records a message for q2_last_error() and returns -errnum. */
+int q2_err (int errnum, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+/* Prefixes the current message with more context; returns r. */
+int q2_err_prefix (int r, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+
+/* ---- io.c: whole-buffer I/O on a file descriptor ---- */
+/* Reads exactly count bytes; bytes past end of file read as zeros when
+ * zero_past_eof, else a short read is -EIO. */
+int q2_io_pread (int fd, void *buf, size_t count, uint64_t offset,
+                 bool zero_past_eof, const char *what);
+int q2_io_pwrite (int fd, const void *buf, size_t count, uint64_t offset,
+                  const char *what);
+int q2_io_file_size (int fd, uint64_t *size);
+
+/* ---- on-disk constants ---- */
+#define QCOW2_MAGIC 0x514649fbU
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_MAX_L1_BYTES (32u << 20)
+#define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
+#define QCOW2_MAX_BACKING_NAME 1023
+#define QCOW2_MAX_SNAPSHOTS 65536
+#define QCOW2_MAX_HOST_OFFSET ((1ULL << 56) - 1)
+
+#define QCOW2_INCOMPAT_DIRTY (1ULL << 0)
+#define QCOW2_INCOMPAT_CORRUPT (1ULL << 1)
+#define QCOW2_INCOMPAT_DATA_FILE (1ULL << 2)
+#define QCOW2_INCOMPAT_COMPRESSION (1ULL << 3)
+#define QCOW2_INCOMPAT_EXTL2 (1ULL << 4)
+#define QCOW2_INCOMPAT_KNOWN 0x1fULL
+#define QCOW2_COMPAT_LAZY_REFCOUNTS (1ULL << 0)
+#define QCOW2_AUTOCLEAR_BITMAPS (1ULL << 0)
+#define QCOW2_AUTOCLEAR_DATA_FILE_RAW (1ULL << 1)
+
+#define QCOW2_EXT_END 0x00000000U
+#define QCOW2_EXT_BACKING_FORMAT 0xe2792acaU
+#define QCOW2_EXT_FEATURE_TABLE 0x6803f857U
+#define QCOW2_EXT_BITMAPS 0x23852875U
+#define QCOW2_EXT_CRYPTO 0x0537be77U
+#define QCOW2_EXT_DATA_FILE 0x44415441U
+
+#define L1E_OFFSET_MASK 0x00fffffffffffe00ULL
+#define L1E_RESERVED_MASK 0x7f000000000001ffULL
+#define L2E_OFFSET_MASK 0x00fffffffffffe00ULL
+#define QCOW_OFLAG_COPIED (1ULL << 63)
+#define QCOW_OFLAG_COMPRESSED (1ULL << 62)
+#define QCOW_OFLAG_ZERO 1ULL
+#define REFT_OFFSET_MASK 0xfffffffffffffe00ULL
+
+/* ---- header.c ---- */
+struct q2_feature_name {
+  uint8_t type, bit;
+  char name[47];
+};
+
+struct q2_unknown_ext {
+  uint32_t type, len;
+  uint8_t *data;
+};
+
+struct q2_header {
+  uint32_t version;
+  uint64_t backing_file_offset;
+  uint32_t backing_file_size;
+  uint32_t cluster_bits;
+  uint64_t size;
+  uint32_t crypt_method;
+  uint32_t l1_size;
+  uint64_t l1_table_offset;
+  uint64_t refcount_table_offset;
+  uint32_t refcount_table_clusters;
+  uint32_t nb_snapshots;
+  uint64_t snapshots_offset;
+  uint64_t incompatible_features;
+  uint64_t compatible_features;
+  uint64_t autoclear_features;
+  uint32_t refcount_order;
+  uint32_t header_length;
+  uint8_t compression_type;
+
+  /* Bytes of unknown additional header fields (offset 112 on), kept. */
+  uint8_t *unknown_fields;
+  uint32_t unknown_fields_len;
+
+  /* Extensions. */
+  char *backing_file;           /* NULL if none */
+  char *backing_format;         /* NULL if no extension */
+  char *data_file;              /* NULL if no extension */
+  struct q2_feature_name *features;
+  uint32_t nb_features;
+  bool has_crypto_ext;
+  uint64_t crypto_offset, crypto_length;
+  bool has_bitmaps_ext;
+  uint32_t nb_bitmaps;
+  uint64_t bitmap_dir_size, bitmap_dir_offset;
+  struct q2_unknown_ext *unknown_exts;
+  uint32_t nb_unknown_exts;
+};
+
+/* Parses and validates the header in buf (the first cluster, or less if
+ * the file is shorter; len is the number of valid bytes) against
+ * file_size.  On error the header is cleared. */
+int q2_header_parse (const uint8_t *buf, size_t len, uint64_t file_size,
+                     struct q2_header *h);
+void q2_header_free (struct q2_header *h);
+/* Name of an incompatible feature bit from the feature-name table. */
+const char *q2_header_feature_name (const struct q2_header *h,
+                                    uint8_t type, uint8_t bit);
+
+/* ---- cache.c: bounded LRU cache of fixed-size metadata slices ---- */
+struct q2_cache;
+/* Writes a dirty slice back (called on eviction and flush). */
+typedef int (*q2_cache_writeback_fn) (void *opaque, uint64_t offset,
+                                      const uint8_t *data, uint32_t len);
+struct q2_cache *q2_cache_new (uint32_t slice_size, uint32_t nb_slots,
+                               q2_cache_writeback_fn writeback, void *opaque);
+void q2_cache_free (struct q2_cache *c);
+/* Returns the slice at host offset 'offset' (slice-aligned), reading it
+ * from fd on a miss.  The pointer stays valid until the next call on the
+ * cache; the caller holds the lock that guards the cache. */
+int q2_cache_get (struct q2_cache *c, int fd, uint64_t offset,
+                  const char *what, uint8_t **data);
+/* Like q2_cache_get for a newly allocated slice: zeroed and dirty. */
+int q2_cache_get_empty (struct q2_cache *c, uint64_t offset, uint8_t **data);
+void q2_cache_mark_dirty (struct q2_cache *c, uint64_t offset);
+bool q2_cache_has_dirty (const struct q2_cache *c);
+int q2_cache_flush (struct q2_cache *c);
+/* Drops (without writing) every slice in [offset, offset+length). */
+void q2_cache_discard (struct q2_cache *c, uint64_t offset, uint64_t length);
+uint32_t q2_cache_slice_size (const struct q2_cache *c);
+
+/* ---- the image ---- */
+enum q2_format { Q2_FMT_RAW, Q2_FMT_QCOW2 };
+
+struct q2_image {
+  enum q2_format fmt;
+  char *path;
+  char *dir;                    /* directory of path, for relative names */
+  int fd;
+  bool readonly;
+  uint64_t file_size;
+  uint64_t virtual_size;
+
+  /* qcow2 only from here. */
+  struct q2_header hdr;
+  uint32_t cluster_bits;
+  uint64_t cluster_size;
+  bool extended_l2;
+  uint32_t l2_entry_size;       /* 8 or 16 */
+  uint32_t l2_bits;             /* log2 (entries per L2 table) */
+  uint32_t subcluster_bits;     /* log2 (subcluster size) */
+  uint32_t csize_shift;
+  uint64_t csize_mask, coffset_mask;
+  uint32_t refcount_bits;
+
+  uint64_t *l1;                 /* host endian */
+  uint32_t l1_size;
+  uint64_t *reftable;           /* host endian */
+  uint64_t reftable_entries;
+
+  /* Guards the caches below and the lazily computed fields. */
+  pthread_mutex_t lock;
+  struct q2_cache *l2_cache;
+  struct q2_cache *rb_cache;
+  int prealloc_state;           /* -1 unknown, 0 no, 1 metadata prealloc */
+
+  int data_fd;                  /* external data file, or == fd */
+  char *data_path;
+  uint64_t data_file_size;
+
+  struct q2_image *backing;     /* NULL if none */
+  int depth;                    /* 0 = top of chain */
+};
+
+/* ---- open.c ---- */
+int q2_open_layer (const char *path, const char *format, bool readonly,
+                   uint64_t l2_cache_size, int depth,
+                   const char *const *chain, struct q2_image **out);
+void q2_free_layer (struct q2_image *img);
+
+/* ---- map.c: guest to host mapping ---- */
+enum q2_type {
+  Q2_UNALLOC,            /* read from the backing file, or zeros */
+  Q2_ZERO,               /* reads as zeros; host_offset set if allocated */
+  Q2_NORMAL,             /* data at host_offset */
+  Q2_COMPRESSED,         /* compressed cluster at host_offset, csize bytes */
+};
+
+struct q2_map {
+  enum q2_type type;
+  uint64_t host_offset;  /* of the guest offset itself (NORMAL, ZERO) */
+  uint64_t csize;        /* COMPRESSED only */
+  uint64_t length;       /* bytes from the guest offset with this mapping */
+};
+
+/* Maps guest offset (< virtual size) for at most max_len bytes.  Takes
+ * img->lock itself. */
+int q2_map (struct q2_image *img, uint64_t offset, uint64_t max_len,
+            struct q2_map *m);
+
+/* L2 entry decoding, exposed for unit tests. */
+struct q2_l2_decoded {
+  enum q2_type type;
+  uint64_t host_offset;  /* cluster-aligned, or compressed byte offset */
+  uint64_t csize;
+};
+/* Decodes subcluster sc (0 when !extended_l2) of an entry.  Returns
+ * -EIO with a message for an invalid entry. */
+int q2_decode_l2 (const struct q2_image *img, uint64_t entry,
+                  uint64_t bitmap, unsigned sc, struct q2_l2_decoded *d);
+
+/* ---- refcount.c ---- */
+int q2_refcount_get (struct q2_image *img, uint64_t cluster_index,
+                     uint64_t *refcount);
+/* Unpacks entry i of a refcount block. */
+uint64_t q2_refblock_entry (const uint8_t *block, uint32_t refcount_order,
+                            uint64_t i);
+
+/* ---- compress.c ---- */
+/* Decompresses src (format per compression_type) into exactly out_len
+ * bytes of out. */
+int q2_decompress (uint8_t compression_type, const uint8_t *src,
+                   size_t src_len, uint8_t *out, size_t out_len);
+
+/* ---- scratch.c: per-thread buffers, freed at thread exit ---- */
+#define Q2_SCRATCH_SLOTS 3
+enum { Q2_SCRATCH_COMPRESSED, Q2_SCRATCH_CLUSTER, Q2_SCRATCH_COW };
+/* A buffer of at least len bytes for this thread; NULL if out of memory.
+ * Each slot is independent and valid until the next call for it. */
+uint8_t *q2_scratch (unsigned slot, size_t len);
+void *q2_scratch_zstd_dctx (void);
+
+/* ---- read.c ---- */
+int q2_layer_pread (struct q2_image *img, uint8_t *buf, uint64_t count,
+                    uint64_t offset);
+
+#endif /* QCOW2CORE_INTERNAL_H */

@@ -1,0 +1,397 @@
+/* Opening an image and its backing chain: format detection, header
+ * validation, feature checks, L1 and refcount table loading, caches,
+ * the external data file and the backing file with loop detection. */
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define DEFAULT_L2_CACHE_MAX (32ULL << 20)
+#define REFBLOCK_CACHE_SLOTS 64
+#define MIN_L2_SLOTS 16
+
+/* Metadata is cached in slices no larger than this. */
+static uint32_t
+slice_size_for (uint64_t cluster_size)
+{
+  return Q2_MIN (cluster_size, 4096);
+}
+
+/* Joins a name found in an image with the image's directory. */
+static char *
+resolve_name (const char *dir, const char *name)
+{
+  char *p;
+
+  if (name[0] == '/')
+    return strdup (name);
+  p = malloc (strlen (dir) + strlen (name) + 2);
+  if (p)
+    sprintf (p, "%s/%s", dir, name);
+  return p;
+}
+
+static int
+open_file (const char *path, bool readonly, const char *what, int *fd,
+           uint64_t *size)
+{
+  struct stat st;
+  off_t end;
+
+  *fd = open (path, (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  if (*fd == -1) {
+    int e = errno;
+    return q2_err (e, "%s: %s: %s", what, path, strerror (e));
+  }
+  if (fstat (*fd, &st) == -1 || (!S_ISREG (st.st_mode) &&
+                                 !S_ISBLK (st.st_mode))) {
+    close (*fd);
+    *fd = -1;
+    return q2_err (EINVAL, "%s: %s: not a regular file or block device",
+                   what, path);
+  }
+  end = lseek (*fd, 0, SEEK_END);
+  if (end == -1) {
+    int e = errno;
+    close (*fd);
+    *fd = -1;
+    return q2_err (e, "%s: %s: cannot find the size: %s", what, path,
+                   strerror (e));
+  }
+  *size = end;
+  return 0;
+}
+
+static int
+read_table (struct q2_image *img, uint64_t offset, uint64_t entries,
+            const char *what, uint64_t **out)
+{
+  uint64_t *t = malloc (entries ? entries * 8 : 8);
+  uint64_t i;
+  int r;
+
+  if (t == NULL)
+    return q2_err (ENOMEM, "%s: out of memory", what);
+  r = q2_io_pread (img->fd, t, entries * 8, offset, false, what);
+  if (r < 0) {
+    free (t);
+    return r;
+  }
+  for (i = 0; i < entries; i++)
+    t[i] = q2_be64 (&t[i]);
+  *out = t;
+  return 0;
+}
+
+/* How many L2 cache slices: enough for the whole image by default, at
+ * most 32 MiB; or what the user asked for. */
+static uint32_t
+l2_cache_slots (const struct q2_image *img, uint64_t l2_cache_size,
+                uint32_t slice)
+{
+  uint64_t bytes = l2_cache_size;
+
+  if (bytes == 0) {
+    uint64_t clusters = (img->virtual_size + img->cluster_size - 1) >>
+      img->cluster_bits;
+    bytes = Q2_MIN (clusters * img->l2_entry_size + slice,
+                    DEFAULT_L2_CACHE_MAX);
+    return Q2_MAX (bytes / slice, MIN_L2_SLOTS);
+  }
+  bytes /= slice;
+  if (bytes > UINT32_MAX / 4)
+    bytes = UINT32_MAX / 4;
+  return Q2_MAX (bytes, 2);
+}
+
+static int
+check_features (struct q2_image *img)
+{
+  const struct q2_header *h = &img->hdr;
+
+  if (h->crypt_method != 0)
+    return q2_err (ENOTSUP, "the image is encrypted (crypt_method %u, %s); "
+                   "encrypted images are not supported yet",
+                   h->crypt_method, h->crypt_method == 1 ? "AES" : "LUKS");
+  if (!img->readonly && (h->incompatible_features & QCOW2_INCOMPAT_CORRUPT))
+    return q2_err (EROFS, "the image is marked corrupt (incompatible bit 1); "
+                   "it can only be opened read-only until it is repaired");
+  if (!img->readonly && (h->incompatible_features & QCOW2_INCOMPAT_DIRTY))
+    return q2_err (EROFS, "the image is marked dirty (incompatible bit 0); "
+                   "it can only be opened read-only until it is repaired");
+  return 0;
+}
+
+static int
+setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
+             uint64_t l2_cache_size)
+{
+  struct q2_header *h = &img->hdr;
+  uint32_t slice;
+  int r;
+
+  r = q2_header_parse (buf, len, img->file_size, h);
+  if (r < 0)
+    return r;
+  if ((r = check_features (img)) < 0)
+    return r;
+
+  img->cluster_bits = h->cluster_bits;
+  img->cluster_size = 1ULL << h->cluster_bits;
+  img->extended_l2 = !!(h->incompatible_features & QCOW2_INCOMPAT_EXTL2);
+  img->l2_entry_size = img->extended_l2 ? 16 : 8;
+  img->l2_bits = h->cluster_bits - (img->extended_l2 ? 4 : 3);
+  img->subcluster_bits = h->cluster_bits - 5;
+  img->csize_shift = 62 - (h->cluster_bits - 8);
+  img->csize_mask = (1ULL << (h->cluster_bits - 8)) - 1;
+  img->coffset_mask = (1ULL << img->csize_shift) - 1;
+  img->refcount_bits = 1u << h->refcount_order;
+  /* QEMU works in 512-byte sectors and ignores a partial last sector. */
+  img->virtual_size = Q2_ROUND_DOWN (h->size, 512);
+  img->prealloc_state = -1;
+
+  img->l1_size = h->l1_size;
+  r = read_table (img, h->l1_table_offset, h->l1_size, "L1 table", &img->l1);
+  if (r < 0)
+    return r;
+  img->reftable_entries =
+    (uint64_t) h->refcount_table_clusters * img->cluster_size / 8;
+  r = read_table (img, h->refcount_table_offset, img->reftable_entries,
+                  "refcount table", &img->reftable);
+  if (r < 0)
+    return r;
+
+  slice = slice_size_for (img->cluster_size);
+  img->l2_cache = q2_cache_new (slice, l2_cache_slots (img, l2_cache_size,
+                                                       slice), NULL, NULL);
+  img->rb_cache = q2_cache_new (slice, REFBLOCK_CACHE_SLOTS, NULL, NULL);
+  if (img->l2_cache == NULL || img->rb_cache == NULL)
+    return q2_err (ENOMEM, "out of memory for the metadata caches");
+
+  if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
+    img->data_path = resolve_name (img->dir, h->data_file);
+    if (img->data_path == NULL)
+      return q2_err (ENOMEM, "out of memory");
+    r = open_file (img->data_path, img->readonly, "external data file",
+                   &img->data_fd, &img->data_file_size);
+    if (r < 0)
+      return r;
+  }
+  return 0;
+}
+
+/* Reads enough of the start of the file for the header: the first
+ * cluster, once cluster_bits is known. */
+static int
+read_header_cluster (struct q2_image *img, uint8_t **buf, size_t *len)
+{
+  uint8_t probe[104];
+  size_t n = Q2_MIN (img->file_size, sizeof probe);
+  uint32_t bits;
+  int r;
+
+  *buf = NULL;
+  r = q2_io_pread (img->fd, probe, n, 0, false, "qcow2 header");
+  if (r < 0)
+    return r;
+  bits = n >= 24 ? q2_be32 (probe + 20) : 0;
+  if (bits < QCOW2_MIN_CLUSTER_BITS || bits > QCOW2_MAX_CLUSTER_BITS)
+    bits = QCOW2_MIN_CLUSTER_BITS;  /* the parser reports it */
+  *len = Q2_MIN (img->file_size, 1ULL << bits);
+  if (*len < n)
+    *len = n;
+  *buf = malloc (*len);
+  if (*buf == NULL)
+    return q2_err (ENOMEM, "out of memory");
+  return q2_io_pread (img->fd, *buf, *len, 0, false, "qcow2 header");
+}
+
+static bool
+has_qcow2_magic (struct q2_image *img)
+{
+  uint8_t m[4];
+
+  return img->file_size >= 4 &&
+    q2_io_pread (img->fd, m, 4, 0, false, "magic") == 0 &&
+    q2_be32 (m) == QCOW2_MAGIC;
+}
+
+static int
+open_backing (struct q2_image *img, uint64_t l2_cache_size,
+              const char *const *chain)
+{
+  const struct q2_header *h = &img->hdr;
+  char *path;
+  int r;
+
+  if (img->depth >= Q2_MAX_CHAIN_DEPTH)
+    return q2_err (ELOOP, "backing chain is deeper than %d files",
+                   Q2_MAX_CHAIN_DEPTH);
+  path = resolve_name (img->dir, h->backing_file);
+  if (path == NULL)
+    return q2_err (ENOMEM, "out of memory");
+  r = q2_open_layer (path, h->backing_format, true, l2_cache_size,
+                     img->depth + 1, chain, &img->backing);
+  free (path);
+  if (r < 0)
+    return q2_err_prefix (r, "backing file '%s'", h->backing_file);
+  return 0;
+}
+
+int
+q2_open_layer (const char *path, const char *format, bool readonly,
+               uint64_t l2_cache_size, int depth, const char *const *chain,
+               struct q2_image **out)
+{
+  struct q2_image *img;
+  const char *sub_chain[Q2_MAX_CHAIN_DEPTH + 2];
+  char *real, *tmp;
+  uint8_t *buf = NULL;
+  size_t len;
+  int i, r;
+
+  *out = NULL;
+  img = calloc (1, sizeof *img);
+  if (img == NULL)
+    return q2_err (ENOMEM, "out of memory");
+  img->fd = img->data_fd = -1;
+  img->readonly = readonly;
+  img->depth = depth;
+  pthread_mutex_init (&img->lock, NULL);
+
+  real = realpath (path, NULL);
+  if (real == NULL) {
+    int e = errno;
+    pthread_mutex_destroy (&img->lock);
+    free (img);
+    return q2_err (e, "%s: %s", path, strerror (e));
+  }
+  img->path = real;
+  for (i = 0; i < depth; i++)
+    if (strcmp (chain[i], real) == 0) {
+      r = q2_err (ELOOP, "backing file loop: %s is its own backing file",
+                  real);
+      goto fail;
+    }
+  tmp = strdup (real);
+  img->dir = tmp ? strdup (dirname (tmp)) : NULL;
+  free (tmp);
+  if (img->dir == NULL) {
+    r = q2_err (ENOMEM, "out of memory");
+    goto fail;
+  }
+
+  r = open_file (real, readonly, "image", &img->fd, &img->file_size);
+  if (r < 0)
+    goto fail;
+  img->data_fd = img->fd;
+  img->data_file_size = img->file_size;
+
+  if (format && strcmp (format, "raw") != 0 && strcmp (format, "qcow2") != 0) {
+    r = q2_err (ENOTSUP, "%s: backing format '%s' is not supported "
+                "(only qcow2 and raw)", real, format);
+    goto fail;
+  }
+  if ((format && strcmp (format, "raw") == 0) ||
+      (format == NULL && !has_qcow2_magic (img))) {
+    img->fmt = Q2_FMT_RAW;
+    /* QEMU sees a raw file in whole sectors, the last one zero-padded. */
+    img->virtual_size = Q2_ROUND_UP (img->file_size, 512);
+    *out = img;
+    return 0;
+  }
+
+  img->fmt = Q2_FMT_QCOW2;
+  r = read_header_cluster (img, &buf, &len);
+  if (r == 0)
+    r = setup_qcow2 (img, buf, len, l2_cache_size);
+  free (buf);
+  if (r < 0)
+    goto fail_named;
+
+  if (img->hdr.backing_file) {
+    for (i = 0; i < depth; i++)
+      sub_chain[i] = chain[i];
+    sub_chain[depth] = img->path;
+    r = open_backing (img, l2_cache_size, sub_chain);
+    if (r < 0)
+      goto fail_named;
+  }
+  *out = img;
+  return 0;
+
+ fail_named:
+  r = q2_err_prefix (r, "%s", img->path);
+ fail:
+  q2_free_layer (img);
+  return r;
+}
+
+void
+q2_free_layer (struct q2_image *img)
+{
+  if (img == NULL)
+    return;
+  q2_free_layer (img->backing);
+  if (img->data_fd >= 0 && img->data_fd != img->fd)
+    close (img->data_fd);
+  if (img->fd >= 0)
+    close (img->fd);
+  q2_cache_free (img->l2_cache);
+  q2_cache_free (img->rb_cache);
+  free (img->l1);
+  free (img->reftable);
+  q2_header_free (&img->hdr);
+  free (img->data_path);
+  free (img->path);
+  free (img->dir);
+  pthread_mutex_destroy (&img->lock);
+  free (img);
+}
+
+int
+q2_open (const char *path, const struct q2_open_opts *opts,
+         struct q2_image **out)
+{
+  /* The top of the chain must be qcow2; only backing files may be raw. */
+  return q2_open_layer (path, "qcow2", opts->readonly, opts->l2_cache_size, 0,
+                        NULL, out);
+}
+
+int
+q2_close (struct q2_image *img)
+{
+  q2_free_layer (img);
+  return 0;
+}
+
+uint64_t
+q2_virtual_size (const struct q2_image *img)
+{
+  return img->virtual_size;
+}
+
+uint32_t
+q2_cluster_size (const struct q2_image *img)
+{
+  return img->fmt == Q2_FMT_QCOW2 ? img->cluster_size : 512;
+}
+
+bool
+q2_is_readonly (const struct q2_image *img)
+{
+  return img->readonly;
+}
+
+const char *
+q2_format_name (const struct q2_image *img)
+{
+  return img->fmt == Q2_FMT_QCOW2 ? "qcow2" : "raw";
+}

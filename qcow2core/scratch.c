@@ -1,0 +1,82 @@
+/* Per-thread scratch state (buffers, decompression contexts), reused
+ * across requests instead of allocated per request, and released when
+ * the thread exits. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <zstd.h>
+
+#include "internal.h"
+
+struct scratch {
+  uint8_t *buf[Q2_SCRATCH_SLOTS];
+  size_t len[Q2_SCRATCH_SLOTS];
+  ZSTD_DCtx *zstd;
+};
+
+static pthread_key_t key;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+static void
+destroy (void *p)
+{
+  struct scratch *s = p;
+  int i;
+
+  for (i = 0; i < Q2_SCRATCH_SLOTS; i++)
+    free (s->buf[i]);
+  ZSTD_freeDCtx (s->zstd);
+  free (s);
+}
+
+static void
+make_key (void)
+{
+  pthread_key_create (&key, destroy);
+}
+
+static struct scratch *
+get (void)
+{
+  struct scratch *s;
+
+  pthread_once (&once, make_key);
+  s = pthread_getspecific (key);
+  if (s == NULL) {
+    s = calloc (1, sizeof *s);
+    if (s && pthread_setspecific (key, s) != 0) {
+      free (s);
+      s = NULL;
+    }
+  }
+  return s;
+}
+
+uint8_t *
+q2_scratch (unsigned slot, size_t len)
+{
+  struct scratch *s = get ();
+
+  if (s == NULL || slot >= Q2_SCRATCH_SLOTS)
+    return NULL;
+  if (s->len[slot] < len) {
+    uint8_t *p = realloc (s->buf[slot], len);
+    if (p == NULL)
+      return NULL;
+    s->buf[slot] = p;
+    s->len[slot] = len;
+  }
+  return s->buf[slot];
+}
+
+void *
+q2_scratch_zstd_dctx (void)
+{
+  struct scratch *s = get ();
+
+  if (s == NULL)
+    return NULL;
+  if (s->zstd == NULL)
+    s->zstd = ZSTD_createDCtx ();
+  return s->zstd;
+}

@@ -1,0 +1,62 @@
+# Shared helpers for the bats tests.  Load with `load helpers`.
+
+# nbdsh needs the system python3 with the nbd module, not pyenv's.
+export PATH="/usr/bin:$PATH"
+export LC_ALL=C
+
+PLUGIN="${PLUGIN:-$BATS_TEST_DIRNAME/../plugin/nbdkit-qcow2-plugin.so}"
+# Under ASan+UBSan (make check-sanitize) the runtime must be preloaded
+# into nbdkit; leak detection is off because the clients that --run starts
+# inherit the preload.
+if [ "${SANITIZE:-}" = 1 ]; then
+    Q2_ASAN_LIB="$(gcc -print-file-name=libasan.so)"
+    nbdkit ()
+    {
+        LD_PRELOAD="$Q2_ASAN_LIB" \
+        ASAN_OPTIONS="detect_leaks=0:exitcode=99" \
+        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=98" \
+            command nbdkit "$@"
+    }
+fi
+
+# start_nbdkit ARGS...: daemonized nbdkit (background mode, so it chdirs
+# to /) on a unix socket; sets $sock $pidfile $uri $nbdkit_log.
+start_nbdkit ()
+{
+    sock="$(mktemp -u /tmp/q2test-sock.XXXXXX)"
+    pidfile="$BATS_TEST_TMPDIR/nbdkit.pid"
+    nbdkit_log="$BATS_TEST_TMPDIR/nbdkit.log"
+    uri="nbd+unix:///?socket=$sock"
+    rm -f "$pidfile"
+    nbdkit -v --log=stderr -D nbdkit.backend.datapath=0 -U "$sock" \
+        -P "$pidfile" "$@" 2>"$nbdkit_log" 3>&- ||
+        { cat "$nbdkit_log" >&3; return 1; }
+    for _ in $(seq 1 200); do
+        [ -s "$pidfile" ] && [ -S "$sock" ] && return 0
+        sleep 0.05
+    done
+    echo "nbdkit did not start" >&3; cat "$nbdkit_log" >&3; return 1
+}
+
+stop_nbdkit ()
+{
+    [ -s "${pidfile:-}" ] || return 0
+    local pid; pid="$(cat "$pidfile")"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -9 "$pid"; echo "nbdkit did not stop" >&3; return 1
+    fi
+    rm -f "$sock" "$pidfile"
+    # Sanitizer reports from the daemon end up in its log.
+    if grep -qE 'ERROR: AddressSanitizer|runtime error:' "$nbdkit_log"; then
+        cat "$nbdkit_log" >&3; return 1
+    fi
+}
+
+# qemu_nbd_map IMG: the reference map from qemu-nbd, without image locks.
+qemu_nbd_map ()
+{
+    nbdinfo --map -- [ qemu-nbd -r --image-opts \
+        "driver=qcow2,file.filename=$1,file.locking=off" ]
+}
