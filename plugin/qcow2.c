@@ -3,6 +3,8 @@
  * core's -errno and message into an nbdkit error. */
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,7 +79,7 @@ qcow2_dump_plugin (void)
   printf ("qcow2_extended_l2=yes\n");
   printf ("qcow2_backing_files=yes\n");
   printf ("qcow2_external_data_file=yes\n");
-  printf ("qcow2_write=no\n");
+  printf ("qcow2_write=yes\n");
 }
 
 /* Open and check the image before forking, where errors are visible to
@@ -100,10 +102,48 @@ qcow2_get_ready (void)
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
 
+/* Per connection: only whether it may write. */
+struct handle {
+  bool readonly;
+};
+
+/* The image is opened read-only in get_ready (nbdkit -r is not known
+ * there) and made writable by the first connection that wants to write. */
+static pthread_mutex_t writable_lock = PTHREAD_MUTEX_INITIALIZER;
+
 static void *
 qcow2_open (int readonly)
 {
-  return NBDKIT_HANDLE_NOT_NEEDED;
+  struct handle *h = calloc (1, sizeof *h);
+
+  if (h == NULL) {
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  h->readonly = readonly;
+  if (!readonly) {
+    int r;
+    pthread_mutex_lock (&writable_lock);
+    r = q2_make_writable (image);
+    pthread_mutex_unlock (&writable_lock);
+    if (r == -EACCES || r == -EPERM) {
+      /* Like the file plugin: serve a file we may not write read-only. */
+      nbdkit_debug ("%s; serving read-only", q2_last_error ());
+      h->readonly = true;
+    }
+    else if (r < 0) {
+      nbdkit_error ("%s", q2_last_error ());
+      free (h);
+      return NULL;
+    }
+  }
+  return h;
+}
+
+static void
+qcow2_close (void *handle)
+{
+  free (handle);
 }
 
 /* Reports a core failure to nbdkit and the client. */
@@ -137,7 +177,41 @@ qcow2_block_size (void *handle, uint32_t *minimum, uint32_t *preferred,
 static int
 qcow2_can_write (void *handle)
 {
-  return 0;
+  struct handle *h = handle;
+
+  return !h->readonly;
+}
+
+static int
+qcow2_can_flush (void *handle)
+{
+  return 1;
+}
+
+static int
+qcow2_can_trim (void *handle)
+{
+  return 1;
+}
+
+static int
+qcow2_can_zero (void *handle)
+{
+  return 1;
+}
+
+static int
+qcow2_can_fast_zero (void *handle)
+{
+  /* Zeroing is metadata-only where possible; elsewhere FAST_ZERO fails
+   * at once with ENOTSUP. */
+  return 1;
+}
+
+static int
+qcow2_can_fua (void *handle)
+{
+  return NBDKIT_FUA_NATIVE;
 }
 
 static int
@@ -170,6 +244,45 @@ qcow2_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
              uint32_t flags)
 {
   int r = q2_pread (image, buf, count, offset);
+
+  return r < 0 ? core_error (r) : 0;
+}
+
+static int
+qcow2_pwrite (void *handle, const void *buf, uint32_t count, uint64_t offset,
+              uint32_t flags)
+{
+  int r = q2_pwrite (image, buf, count, offset, flags & NBDKIT_FLAG_FUA);
+
+  return r < 0 ? core_error (r) : 0;
+}
+
+static int
+qcow2_zero (void *handle, uint32_t count, uint64_t offset, uint32_t flags)
+{
+  int r = q2_zero (image, count, offset, flags & NBDKIT_FLAG_MAY_TRIM,
+                   flags & NBDKIT_FLAG_FAST_ZERO, flags & NBDKIT_FLAG_FUA);
+
+  if (r == -ENOTSUP) {
+    /* Not an error worth logging: the client asked for fast zero. */
+    nbdkit_set_error (ENOTSUP);
+    return -1;
+  }
+  return r < 0 ? core_error (r) : 0;
+}
+
+static int
+qcow2_trim (void *handle, uint32_t count, uint64_t offset, uint32_t flags)
+{
+  int r = q2_trim (image, count, offset, flags & NBDKIT_FLAG_FUA);
+
+  return r < 0 ? core_error (r) : 0;
+}
+
+static int
+qcow2_flush (void *handle, uint32_t flags)
+{
+  int r = q2_flush (image);
 
   return r < 0 ? core_error (r) : 0;
 }
@@ -224,14 +337,24 @@ static struct nbdkit_plugin plugin = {
   .dump_plugin       = qcow2_dump_plugin,
   .get_ready         = qcow2_get_ready,
   .open              = qcow2_open,
+  .close             = qcow2_close,
   .get_size          = qcow2_get_size,
   .block_size        = qcow2_block_size,
   .can_write         = qcow2_can_write,
+  .can_flush         = qcow2_can_flush,
+  .can_trim          = qcow2_can_trim,
+  .can_zero          = qcow2_can_zero,
+  .can_fast_zero     = qcow2_can_fast_zero,
+  .can_fua           = qcow2_can_fua,
   .can_multi_conn    = qcow2_can_multi_conn,
   .is_rotational     = qcow2_is_rotational,
   .can_cache         = qcow2_can_cache,
   .can_extents       = qcow2_can_extents,
   .pread             = qcow2_pread,
+  .pwrite            = qcow2_pwrite,
+  .zero              = qcow2_zero,
+  .trim              = qcow2_trim,
+  .flush             = qcow2_flush,
   .extents           = qcow2_extents,
   .cache             = qcow2_cache,
   .errno_is_preserved = 1,

@@ -83,6 +83,14 @@ q2_cache_free (struct q2_cache *c)
   free (c);
 }
 
+void
+q2_cache_set_writeback (struct q2_cache *c, q2_cache_writeback_fn fn,
+                        void *opaque)
+{
+  c->writeback = fn;
+  c->opaque = opaque;
+}
+
 uint32_t
 q2_cache_slice_size (const struct q2_cache *c)
 {

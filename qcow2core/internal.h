@@ -167,6 +167,8 @@ typedef int (*q2_cache_writeback_fn) (void *opaque, uint64_t offset,
 struct q2_cache *q2_cache_new (uint32_t slice_size, uint32_t nb_slots,
                                q2_cache_writeback_fn writeback, void *opaque);
 void q2_cache_free (struct q2_cache *c);
+void q2_cache_set_writeback (struct q2_cache *c, q2_cache_writeback_fn fn,
+                             void *opaque);
 /* Returns the slice at host offset 'offset' (slice-aligned), reading it
  * from fd on a miss.  The pointer stays valid until the next call on the
  * cache; the caller holds the lock that guards the cache. */
@@ -222,6 +224,24 @@ struct q2_image {
 
   struct q2_image *backing;     /* NULL if none */
   int depth;                    /* 0 = top of chain */
+
+  /* Write state.  Public entry points hold io_lock: shared for reads and
+   * in-place writes, exclusive for anything that changes metadata, so
+   * metadata writers never race with each other or with readers. */
+  pthread_rwlock_t io_lock;
+  bool corrupt;                 /* set: refuse every further write */
+  bool header_touched;          /* autoclear bits cleared already */
+  bool l1_dirty, reftable_dirty;
+  uint64_t reftable_used;       /* 1 + highest non-zero reftable index */
+  uint64_t free_hint;           /* no free cluster below this index */
+  /* Refcount decrements wait until the L2/L1 changes that dropped the
+   * references are on disk (at flush), so a crash can only leak. */
+  struct q2_range *pending_free;
+  size_t nb_pending_free, cap_pending_free;
+};
+
+struct q2_range {
+  uint64_t offset, length;
 };
 
 /* ---- open.c ---- */
@@ -240,6 +260,7 @@ enum q2_type {
 
 struct q2_map {
   enum q2_type type;
+  bool copied;           /* NORMAL: refcount 1, writable in place */
   uint64_t host_offset;  /* of the guest offset itself (NORMAL, ZERO) */
   uint64_t csize;        /* COMPRESSED only */
   uint64_t length;       /* bytes from the guest offset with this mapping */
@@ -250,9 +271,18 @@ struct q2_map {
 int q2_map (struct q2_image *img, uint64_t offset, uint64_t max_len,
             struct q2_map *m);
 
+/* Validates L1 entry l1_index and returns its L2 table offset (0 when
+ * unallocated). */
+int q2_l1_entry_l2 (const struct q2_image *img, uint64_t l1_index,
+                    uint64_t *l2_offset);
+/* Does the range overlap the header cluster, L1 or refcount table? */
+bool q2_overlaps_fixed_metadata (const struct q2_image *img, uint64_t off,
+                                 uint64_t len);
+
 /* L2 entry decoding, exposed for unit tests. */
 struct q2_l2_decoded {
   enum q2_type type;
+  bool copied;           /* the COPIED flag of a standard entry */
   uint64_t host_offset;  /* cluster-aligned, or compressed byte offset */
   uint64_t csize;
 };
@@ -285,5 +315,67 @@ void *q2_scratch_zstd_dctx (void);
 /* ---- read.c ---- */
 int q2_layer_pread (struct q2_image *img, uint8_t *buf, uint64_t count,
                     uint64_t offset);
+
+/* ---- alloc.c: refcounts and cluster allocation (io_lock exclusive) ---- */
+int q2_refcount_update (struct q2_image *img, uint64_t cluster_index,
+                        int64_t delta);
+/* Allocates n contiguous clusters; returns the host offset, and whether
+ * they lie past the old end of the file (so already read as zeros). */
+int q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
+                       bool *fresh);
+/* Queues a refcount decrement of every cluster touched by the range. */
+int q2_free_later (struct q2_image *img, uint64_t offset, uint64_t length);
+/* Applies queued decrements; the references are already gone on disk. */
+int q2_apply_pending_frees (struct q2_image *img);
+/* Writes dirty refcount blocks and the refcount table, durably. */
+int q2_flush_refcounts (struct q2_image *img);
+int q2_l2_writeback (void *opaque, uint64_t offset, const uint8_t *data,
+                     uint32_t len);
+int q2_rb_writeback (void *opaque, uint64_t offset, const uint8_t *data,
+                     uint32_t len);
+
+/* ---- write.c ---- */
+/* The L2 table for guest_offset, allocated or copied from a shared one
+ * so that it can be modified. */
+int q2_l2_table_for_write (struct q2_image *img, uint64_t guest_offset,
+                           uint64_t *l2_offset);
+int q2_l2_entry_ref (struct q2_image *img, uint64_t l2_offset,
+                     uint64_t guest_offset, uint8_t **entry,
+                     uint64_t *slice_off);
+/* Reads the entry (and bitmap) for guest_offset; *l2_offset is 0 when
+ * the L1 entry is empty (and !for_write). */
+int q2_get_l2_entry (struct q2_image *img, uint64_t guest_offset,
+                     bool for_write, uint64_t *entry, uint64_t *bitmap,
+                     uint64_t *l2_offset);
+int q2_set_l2_entry (struct q2_image *img, uint64_t l2_offset,
+                     uint64_t guest_offset, uint64_t entry, uint64_t bitmap);
+int q2_release_entry (struct q2_image *img, uint64_t entry);
+int q2_zero_host (struct q2_image *img, int fd, uint64_t offset,
+                  uint64_t len);
+int q2_write_locked (struct q2_image *img, const uint8_t *buf,
+                     uint64_t count, uint64_t offset);
+
+/* ---- meta.c: header updates, corruption, overlap checks, flush ---- */
+int q2_sync (struct q2_image *img);
+/* Marks the image corrupt on disk and refuses further writes; returns
+ * -EIO with the message. */
+int q2_mark_corrupt (struct q2_image *img, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+/* Refuses a write to [off, off+len) that would hit metadata of the
+ * given kinds, marking the image corrupt. */
+#define Q2_OVERLAP_FIXED 1      /* header, L1 table, refcount table */
+#define Q2_OVERLAP_L2 2         /* active L2 tables */
+#define Q2_OVERLAP_REFBLOCKS 4
+#define Q2_OVERLAP_SNAPSHOTS 8  /* snapshot table */
+#define Q2_OVERLAP_ALL 15
+int q2_check_overlap (struct q2_image *img, uint64_t off, uint64_t len,
+                      const char *what, unsigned kinds);
+int q2_write_reftable (struct q2_image *img, const uint64_t *table,
+                       uint64_t entries, uint64_t offset);
+/* Before the first change: clears autoclear bits on disk. */
+int q2_prepare_write (struct q2_image *img);
+int q2_flush_locked (struct q2_image *img);
+int q2_write_header_field (struct q2_image *img, uint64_t offset,
+                           const void *data, size_t len);
 
 #endif /* QCOW2CORE_INTERNAL_H */

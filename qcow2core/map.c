@@ -49,6 +49,7 @@ q2_decode_l2 (const struct q2_image *img, uint64_t entry, uint64_t bitmap,
     ((img->hdr.incompatible_features & QCOW2_INCOMPAT_DATA_FILE) &&
      (entry & QCOW_OFLAG_COPIED));
   d->host_offset = host;
+  d->copied = allocated && (entry & QCOW_OFLAG_COPIED);
 
   if (!img->extended_l2) {
     if (entry & QCOW_OFLAG_ZERO)
@@ -81,8 +82,8 @@ q2_decode_l2 (const struct q2_image *img, uint64_t entry, uint64_t bitmap,
 
 /* Does [off, off+len) overlap the header cluster, the L1 table or the
  * refcount table?  Data there would mean the L2 entry is corrupt. */
-static bool
-overlaps_fixed_metadata (const struct q2_image *img, uint64_t off,
+bool
+q2_overlaps_fixed_metadata (const struct q2_image *img, uint64_t off,
                          uint64_t len)
 {
   const struct q2_header *h = &img->hdr;
@@ -100,34 +101,16 @@ overlaps_fixed_metadata (const struct q2_image *img, uint64_t off,
   return false;
 }
 
-/* Finds the L2 slice covering guest offset.  *slice is NULL when the L1
- * entry is empty. */
-static int
-get_l2_slice (struct q2_image *img, uint64_t offset, uint8_t **slice,
-              uint64_t *slice_guest_start, uint32_t *entries_in_slice)
+int
+q2_l1_entry_l2 (const struct q2_image *img, uint64_t l1_index,
+                 uint64_t *l2_offset)
 {
-  uint64_t l1_index = offset >> (img->cluster_bits + img->l2_bits);
-  uint64_t l1e, l2_off, l2_index, slice_size, byte_in_table;
-  uint32_t per_slice;
-  int r;
+  uint64_t l1e = img->l1[l1_index];
+  uint64_t l2_off = l1e & L1E_OFFSET_MASK;
 
-  slice_size = q2_cache_slice_size (img->l2_cache);
-  per_slice = slice_size / img->l2_entry_size;
-  *entries_in_slice = per_slice;
-  *slice = NULL;
-  if (l1_index >= img->l1_size) {
-    *slice_guest_start = l1_index << (img->cluster_bits + img->l2_bits);
-    *entries_in_slice = 1U << img->l2_bits;
+  *l2_offset = l2_off;
+  if (l2_off == 0)
     return 0;
-  }
-  l1e = img->l1[l1_index];
-  l2_off = l1e & L1E_OFFSET_MASK;
-  if (l2_off == 0) {
-    /* The whole L2 range is unallocated. */
-    *slice_guest_start = l1_index << (img->cluster_bits + img->l2_bits);
-    *entries_in_slice = 1U << img->l2_bits;
-    return 0;
-  }
   if (l1e & L1E_RESERVED_MASK)
     return q2_err (EIO, "L1 entry %llu (%#llx) has reserved bits set",
                    (unsigned long long) l1_index, (unsigned long long) l1e);
@@ -140,11 +123,39 @@ get_l2_slice (struct q2_image *img, uint64_t offset, uint8_t **slice,
     return q2_err (EIO, "L1 entry %llu: L2 table offset %#llx is past the "
                    "end of the file", (unsigned long long) l1_index,
                    (unsigned long long) l2_off);
-  if (overlaps_fixed_metadata (img, l2_off, img->cluster_size))
+  if (q2_overlaps_fixed_metadata (img, l2_off, img->cluster_size))
     return q2_err (EIO, "L1 entry %llu: L2 table offset %#llx overlaps the "
                    "header, L1 table or refcount table",
                    (unsigned long long) l1_index,
                    (unsigned long long) l2_off);
+  return 0;
+}
+
+/* Finds the L2 slice covering guest offset.  *slice is NULL when the L1
+ * entry is empty. */
+static int
+get_l2_slice (struct q2_image *img, uint64_t offset, uint8_t **slice,
+              uint64_t *slice_guest_start, uint32_t *entries_in_slice)
+{
+  uint64_t l1_index = offset >> (img->cluster_bits + img->l2_bits);
+  uint64_t l2_off, l2_index, slice_size, byte_in_table;
+  uint32_t per_slice;
+  int r;
+
+  slice_size = q2_cache_slice_size (img->l2_cache);
+  per_slice = slice_size / img->l2_entry_size;
+  *entries_in_slice = per_slice;
+  *slice = NULL;
+  l2_off = 0;
+  if (l1_index < img->l1_size &&
+      (r = q2_l1_entry_l2 (img, l1_index, &l2_off)) < 0)
+    return r;
+  if (l2_off == 0) {
+    /* The whole L2 range is unallocated. */
+    *slice_guest_start = l1_index << (img->cluster_bits + img->l2_bits);
+    *entries_in_slice = 1U << img->l2_bits;
+    return 0;
+  }
 
   l2_index = (offset >> img->cluster_bits) & ((1ULL << img->l2_bits) - 1);
   byte_in_table = Q2_ROUND_DOWN (l2_index * img->l2_entry_size, slice_size);
@@ -170,7 +181,7 @@ check_data_cluster (const struct q2_image *img, uint64_t guest_cluster,
                    "offset %#llx, past the end of the file",
                    (unsigned long long) guest_cluster,
                    (unsigned long long) host);
-  if (overlaps_fixed_metadata (img, host, img->cluster_size))
+  if (q2_overlaps_fixed_metadata (img, host, img->cluster_size))
     return q2_err (EIO, "L2 entry for guest offset %#llx points at host "
                    "offset %#llx, which overlaps image metadata",
                    (unsigned long long) guest_cluster,
@@ -232,6 +243,7 @@ map_locked (struct q2_image *img, uint64_t offset, uint64_t max_len,
     }
     if (first) {
       m->type = d.type;
+      m->copied = d.copied;
       m->host_offset = d.type == Q2_COMPRESSED ? d.host_offset :
         d.host_offset ? d.host_offset + in_cluster : 0;
       m->csize = d.csize;
@@ -244,7 +256,8 @@ map_locked (struct q2_image *img, uint64_t offset, uint64_t max_len,
       }
     }
     else {
-      if (d.type != m->type || d.type == Q2_COMPRESSED)
+      if (d.type != m->type || d.type == Q2_COMPRESSED ||
+          d.copied != m->copied)
         break;
       if (d.type == Q2_NORMAL &&
           d.host_offset + in_cluster != m->host_offset + m->length)

@@ -265,11 +265,13 @@ q2_open_layer (const char *path, const char *format, bool readonly,
   img->readonly = readonly;
   img->depth = depth;
   pthread_mutex_init (&img->lock, NULL);
+  pthread_rwlock_init (&img->io_lock, NULL);
 
   real = realpath (path, NULL);
   if (real == NULL) {
     int e = errno;
     pthread_mutex_destroy (&img->lock);
+    pthread_rwlock_destroy (&img->io_lock);
     free (img);
     return q2_err (e, "%s: %s", path, strerror (e));
   }
@@ -352,7 +354,9 @@ q2_free_layer (struct q2_image *img)
   free (img->data_path);
   free (img->path);
   free (img->dir);
+  free (img->pending_free);
   pthread_mutex_destroy (&img->lock);
+  pthread_rwlock_destroy (&img->io_lock);
   free (img);
 }
 
@@ -365,11 +369,85 @@ q2_open (const char *path, const struct q2_open_opts *opts,
                         NULL, out);
 }
 
+/* Reopens a file read-write in place: dup2 keeps the descriptor number
+ * that concurrent readers use. */
+static int
+reopen_rw (int fd, const char *path, const char *what)
+{
+  int nfd = open (path, O_RDWR | O_CLOEXEC);
+
+  if (nfd == -1) {
+    int e = errno;
+    return q2_err (e, "%s: cannot open %s read-write: %s", what, path,
+                   strerror (e));
+  }
+  if (dup2 (nfd, fd) == -1) {
+    int e = errno;
+    close (nfd);
+    return q2_err (e, "%s: dup2: %s", what, strerror (e));
+  }
+  close (nfd);
+  return 0;
+}
+
+static int
+make_writable_locked (struct q2_image *img)
+{
+  const struct q2_header *h = &img->hdr;
+  uint64_t i;
+  int r;
+
+  if (!img->readonly)
+    return 0;
+  if (h->incompatible_features & QCOW2_INCOMPAT_CORRUPT)
+    return q2_err (EROFS, "%s: the image is marked corrupt (incompatible "
+                   "bit 1); it can only be served read-only until it is "
+                   "repaired (qemu-img check -r all)", img->path);
+  if (h->incompatible_features & QCOW2_INCOMPAT_DIRTY)
+    return q2_err (EROFS, "%s: the image is marked dirty (incompatible bit "
+                   "0: refcounts may be stale); repair it with "
+                   "'qemu-img check -r all' or serve it read-only",
+                   img->path);
+  if ((r = reopen_rw (img->fd, img->path, "image")) < 0)
+    return r;
+  if (img->data_fd != img->fd &&
+      (r = reopen_rw (img->data_fd, img->data_path, "external data file")) < 0)
+    return r;
+  for (i = 0; i < img->reftable_entries; i++)
+    if (img->reftable[i])
+      img->reftable_used = i + 1;
+  img->free_hint = 0;
+  q2_cache_set_writeback (img->l2_cache, q2_l2_writeback, img);
+  q2_cache_set_writeback (img->rb_cache, q2_rb_writeback, img);
+  img->readonly = false;
+  return 0;
+}
+
+int
+q2_make_writable (struct q2_image *img)
+{
+  int r;
+
+  if (img->fmt != Q2_FMT_QCOW2)
+    return q2_err (EROFS, "only qcow2 images are writable");
+  pthread_rwlock_wrlock (&img->io_lock);
+  r = make_writable_locked (img);
+  pthread_rwlock_unlock (&img->io_lock);
+  return r;
+}
+
 int
 q2_close (struct q2_image *img)
 {
+  int r = 0;
+
+  if (img && img->fmt == Q2_FMT_QCOW2 && !img->readonly) {
+    pthread_rwlock_wrlock (&img->io_lock);
+    r = q2_flush_locked (img);
+    pthread_rwlock_unlock (&img->io_lock);
+  }
   q2_free_layer (img);
-  return 0;
+  return r;
 }
 
 uint64_t

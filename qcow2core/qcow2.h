@@ -22,8 +22,7 @@ struct q2_open_opts {
   uint64_t l2_cache_size;
 };
 
-/* Open an image (qcow2, or raw when the magic does not match and
- * allow_raw is set) and its whole backing chain. */
+/* Open a qcow2 image and its whole backing chain (qcow2 or raw). */
 int q2_open (const char *path, const struct q2_open_opts *opts,
              struct q2_image **out);
 /* Close the image and its chain.  Returns -errno if writing back
@@ -43,6 +42,23 @@ const char *q2_format_name (const struct q2_image *img);
  * inside the virtual size.  Corruption found gives -EIO. */
 int q2_pread (struct q2_image *img, void *buf, uint64_t count,
               uint64_t offset);
+
+/* Make a read-only image writable (reopening the files read-write).
+ * Refuses images marked corrupt; a dirty image is refused too. */
+int q2_make_writable (struct q2_image *img);
+
+/* Writes count bytes at offset; with fua, durable before returning. */
+int q2_pwrite (struct q2_image *img, const void *buf, uint64_t count,
+               uint64_t offset, bool fua);
+/* Makes the range read as zeros.  may_trim allows freeing host clusters;
+ * with fast, fails with -ENOTSUP before changing anything if data would
+ * have to be written. */
+int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset,
+             bool may_trim, bool fast, bool fua);
+/* Frees whole clusters in the range (advisory). */
+int q2_trim (struct q2_image *img, uint64_t count, uint64_t offset, bool fua);
+/* Makes every completed write durable. */
+int q2_flush (struct q2_image *img);
 
 /* Extent flags, the same values as NBD and nbdkit use. */
 #define Q2_EXTENT_HOLE 1

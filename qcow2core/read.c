@@ -104,11 +104,17 @@ q2_layer_pread (struct q2_image *img, uint8_t *buf, uint64_t count,
 int
 q2_pread (struct q2_image *img, void *buf, uint64_t count, uint64_t offset)
 {
+  int r;
+
   if (offset > img->virtual_size || count > img->virtual_size - offset)
     return q2_err (EINVAL, "read of %llu bytes at offset %llu is beyond the "
                    "end of the disk", (unsigned long long) count,
                    (unsigned long long) offset);
-  return q2_layer_pread (img, buf, count, offset);
+  /* Shared: reads run concurrently, but never with a metadata change. */
+  pthread_rwlock_rdlock (&img->io_lock);
+  r = q2_layer_pread (img, buf, count, offset);
+  pthread_rwlock_unlock (&img->io_lock);
+  return r;
 }
 
 /* ---- allocation status ---- */
@@ -234,16 +240,12 @@ layer_status (struct q2_image *img, uint64_t offset, uint64_t len,
   return 0;
 }
 
-int
-q2_extents (struct q2_image *img, uint64_t offset, uint64_t count,
-            bool req_one, q2_extent_fn fn, void *opaque)
+static int
+extents_locked (struct q2_image *img, uint64_t offset, uint64_t count,
+                bool req_one, q2_extent_fn fn, void *opaque)
 {
-  uint64_t end;
+  uint64_t end = offset + Q2_MIN (count, img->virtual_size - offset);
 
-  if (offset >= img->virtual_size)
-    return q2_err (EINVAL, "extents: offset %llu is beyond the end of the "
-                   "disk", (unsigned long long) offset);
-  end = offset + Q2_MIN (count, img->virtual_size - offset);
   while (offset < end) {
     uint64_t run;
     uint32_t flags;
@@ -257,6 +259,21 @@ q2_extents (struct q2_image *img, uint64_t offset, uint64_t count,
       break;
   }
   return 0;
+}
+
+int
+q2_extents (struct q2_image *img, uint64_t offset, uint64_t count,
+            bool req_one, q2_extent_fn fn, void *opaque)
+{
+  int r;
+
+  if (offset >= img->virtual_size)
+    return q2_err (EINVAL, "extents: offset %llu is beyond the end of the "
+                   "disk", (unsigned long long) offset);
+  pthread_rwlock_rdlock (&img->io_lock);
+  r = extents_locked (img, offset, count, req_one, fn, opaque);
+  pthread_rwlock_unlock (&img->io_lock);
+  return r;
 }
 
 /* ---- cache hints ---- */
@@ -294,7 +311,12 @@ layer_cache (struct q2_image *img, uint64_t offset, uint64_t count)
 int
 q2_cache (struct q2_image *img, uint64_t offset, uint64_t count)
 {
+  int r;
+
   if (offset > img->virtual_size || count > img->virtual_size - offset)
     return q2_err (EINVAL, "cache request beyond the end of the disk");
-  return layer_cache (img, offset, count);
+  pthread_rwlock_rdlock (&img->io_lock);
+  r = layer_cache (img, offset, count);
+  pthread_rwlock_unlock (&img->io_lock);
+  return r;
 }

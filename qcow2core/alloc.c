@@ -1,0 +1,169 @@
+/* Cluster allocation and deferred freeing.
+ *
+ * Allocation scans refcounts from a hint below which no cluster is free,
+ * so freed clusters are reused before the file grows, without a full
+ * scan per allocation.  Freeing is deferred: the decrement is applied
+ * only after the L2/L1 changes that dropped the reference are durable
+ * (see q2_flush_locked), so a crash can leak a cluster but never leave
+ * a reference to a cluster with refcount 0. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+/* Past this many queued frees, flush early to bound memory. */
+#define MAX_PENDING_FREES (1u << 20)
+
+static uint32_t
+per_block_log (const struct q2_image *img)
+{
+  return img->cluster_bits + 3 - img->hdr.refcount_order;
+}
+
+int
+q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
+                   bool *fresh)
+{
+  uint64_t cs = img->cluster_size;
+  uint64_t max_cluster = (QCOW2_MAX_HOST_OFFSET + 1) / cs;
+  uint64_t c, start, run, first_free, end;
+  int r;
+
+ retry:
+  run = 0;
+  start = first_free = UINT64_MAX;
+  for (c = img->free_hint; run < n; c++) {
+    uint64_t rc;
+    if (c + n > max_cluster)
+      return q2_err (ENOSPC, "no free host cluster below the 64 PiB limit");
+    if ((r = q2_refcount_get (img, c, &rc)) < 0)
+      return r;
+    if (rc != 0) {
+      run = 0;
+      continue;
+    }
+    if (first_free == UINT64_MAX)
+      first_free = c;
+    if (run++ == 0)
+      start = c;
+  }
+  /* Every cluster needs a refcount block; creating one uses a cluster
+   * of the run, so look again. */
+  for (c = start; c < start + n; c++) {
+    uint64_t rt = c >> per_block_log (img);
+    if (rt >= img->reftable_entries || img->reftable[rt] == 0) {
+      if ((r = q2_refcount_update (img, c, 1)) < 0)
+        return r;
+      /* That created the block (elsewhere) and counted c: undo c. */
+      if ((r = q2_refcount_update (img, c, -1)) < 0)
+        return r;
+      goto retry;
+    }
+  }
+  for (c = start; c < start + n; c++)
+    if ((r = q2_refcount_update (img, c, 1)) < 0)
+      return r;
+  img->free_hint = first_free == start ? start + n : first_free;
+
+  *offset = start * cs;
+  end = (start + n) * cs;
+  *fresh = *offset >= img->file_size;
+  if (end > img->file_size) {
+    /* Keep the file covering every allocated cluster, as qemu-img
+     * check expects. */
+    if (ftruncate (img->fd, end) == -1) {
+      int e = errno;
+      return q2_err (e, "extending the image to %llu bytes: %s",
+                     (unsigned long long) end, strerror (e));
+    }
+    img->file_size = end;
+  }
+  return 0;
+}
+
+int
+q2_free_later (struct q2_image *img, uint64_t offset, uint64_t length)
+{
+  if (length == 0)
+    return 0;
+  if (img->nb_pending_free == img->cap_pending_free) {
+    size_t cap = img->cap_pending_free ? img->cap_pending_free * 2 : 64;
+    struct q2_range *p = realloc (img->pending_free, cap * sizeof *p);
+    if (p == NULL)
+      return q2_err (ENOMEM, "out of memory queueing freed clusters");
+    img->pending_free = p;
+    img->cap_pending_free = cap;
+  }
+  img->pending_free[img->nb_pending_free].offset = offset;
+  img->pending_free[img->nb_pending_free].length = length;
+  img->nb_pending_free++;
+  if (img->nb_pending_free >= MAX_PENDING_FREES)
+    return q2_flush_locked (img);
+  return 0;
+}
+
+/* Gives a cluster whose refcount reached zero back to the file system. */
+static void
+punch (struct q2_image *img, uint64_t offset, uint64_t length)
+{
+  if (fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                 offset, length) == -1) {
+    /* Not every file system can punch holes; the space stays used. */
+  }
+}
+
+int
+q2_apply_pending_frees (struct q2_image *img)
+{
+  uint64_t cs = img->cluster_size;
+  size_t i;
+  int r = 0;
+
+  for (i = 0; i < img->nb_pending_free; i++) {
+    const struct q2_range *f = &img->pending_free[i];
+    uint64_t c, first = f->offset / cs;
+    uint64_t last = (f->offset + f->length - 1) / cs;
+    for (c = first; c <= last; c++) {
+      uint64_t rc;
+      if ((r = q2_refcount_update (img, c, -1)) < 0)
+        goto out;
+      if ((r = q2_refcount_get (img, c, &rc)) < 0)
+        goto out;
+      if (rc == 0) {
+        /* Stale cached metadata of a freed L2 table must not be reused. */
+        q2_cache_discard (img->l2_cache, c * cs, cs);
+        punch (img, c * cs, cs);
+      }
+    }
+  }
+ out:
+  /* Whatever was applied is gone from the queue. */
+  if (r < 0) {
+    memmove (img->pending_free, img->pending_free + i,
+             (img->nb_pending_free - i) * sizeof *img->pending_free);
+    img->nb_pending_free -= i;
+    return r;
+  }
+  img->nb_pending_free = 0;
+  return 0;
+}
+
+int
+q2_l2_writeback (void *opaque, uint64_t offset, const uint8_t *data,
+                 uint32_t len)
+{
+  struct q2_image *img = opaque;
+  int r;
+
+  /* Refcounts for every cluster this slice points at go first. */
+  if ((r = q2_flush_refcounts (img)) < 0)
+    return r;
+  r = q2_check_overlap (img, offset, len, "L2 table",
+                        Q2_OVERLAP_ALL & ~Q2_OVERLAP_L2);
+  if (r < 0)
+    return r;
+  return q2_io_pwrite (img->fd, data, len, offset, "L2 table");
+}

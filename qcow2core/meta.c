@@ -1,0 +1,176 @@
+/* Metadata bookkeeping for writers: header field updates, the corrupt
+ * bit, overlap checks before writes, and the ordered flush. */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+int
+q2_sync (struct q2_image *img)
+{
+  if (fdatasync (img->fd) == -1) {
+    int e = errno;
+    return q2_err (e, "fdatasync: %s", strerror (e));
+  }
+  if (img->data_fd != img->fd && fdatasync (img->data_fd) == -1) {
+    int e = errno;
+    return q2_err (e, "fdatasync of the external data file: %s",
+                   strerror (e));
+  }
+  return 0;
+}
+
+/* Header fields are patched in place, which keeps unknown fields and
+ * extensions exactly as they were. */
+int
+q2_write_header_field (struct q2_image *img, uint64_t offset,
+                       const void *data, size_t len)
+{
+  int r = q2_io_pwrite (img->fd, data, len, offset, "qcow2 header");
+
+  return r < 0 ? r : q2_sync (img);
+}
+
+int
+q2_mark_corrupt (struct q2_image *img, const char *fmt, ...)
+{
+  char msg[768];
+  va_list ap;
+
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  if (!img->corrupt && !img->readonly && img->hdr.version >= 3) {
+    uint8_t b[8];
+    img->hdr.incompatible_features |= QCOW2_INCOMPAT_CORRUPT;
+    q2_put_be64 (b, img->hdr.incompatible_features);
+    /* Best effort: the request fails with EIO either way. */
+    q2_write_header_field (img, 72, b, 8);
+  }
+  img->corrupt = true;
+  return q2_err (EIO, "%s; the image is now marked corrupt and further "
+                 "writes are refused", msg);
+}
+
+static bool
+overlaps (uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+{
+  return alen && blen && a < b + blen && b < a + alen;
+}
+
+int
+q2_check_overlap (struct q2_image *img, uint64_t off, uint64_t len,
+                  const char *what, unsigned kinds)
+{
+  uint64_t cs = img->cluster_size, i;
+  const char *hit = NULL;
+
+  if ((kinds & Q2_OVERLAP_FIXED) &&
+      q2_overlaps_fixed_metadata (img, off, len))
+    hit = "the header, L1 table or refcount table";
+  if (!hit && (kinds & Q2_OVERLAP_L2))
+    for (i = 0; i < img->l1_size; i++)
+      if (overlaps (off, len, img->l1[i] & L1E_OFFSET_MASK,
+                    (img->l1[i] & L1E_OFFSET_MASK) ? cs : 0)) {
+        hit = "an L2 table";
+        break;
+      }
+  if (!hit && (kinds & Q2_OVERLAP_REFBLOCKS))
+    for (i = 0; i < img->reftable_used; i++)
+      if (overlaps (off, len, img->reftable[i] & REFT_OFFSET_MASK,
+                    (img->reftable[i] & REFT_OFFSET_MASK) ? cs : 0)) {
+        hit = "a refcount block";
+        break;
+      }
+  if (!hit && (kinds & Q2_OVERLAP_SNAPSHOTS) && img->hdr.nb_snapshots &&
+      overlaps (off, len, img->hdr.snapshots_offset, cs))
+    hit = "the snapshot table";
+  if (hit)
+    return q2_mark_corrupt (img, "preventing invalid write of %s at host "
+                            "offset %#llx (%llu bytes): it overlaps %s",
+                            what, (unsigned long long) off,
+                            (unsigned long long) len, hit);
+  return 0;
+}
+
+int
+q2_prepare_write (struct q2_image *img)
+{
+  uint64_t keep = QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+
+  if (img->readonly)
+    return q2_err (EROFS, "the image is open read-only");
+  if (img->corrupt)
+    return q2_err (EIO, "the image is marked corrupt; writes are refused "
+                   "until it is repaired");
+  if (img->header_touched)
+    return 0;
+  /* We do not keep persistent bitmaps up to date: clearing the
+   * autoclear bits tells QEMU so. */
+  if (img->hdr.version >= 3 && (img->hdr.autoclear_features & ~keep)) {
+    uint8_t b[8];
+    int r;
+    img->hdr.autoclear_features &= keep;
+    q2_put_be64 (b, img->hdr.autoclear_features);
+    if ((r = q2_write_header_field (img, 88, b, 8)) < 0)
+      return r;
+  }
+  img->header_touched = true;
+  return 0;
+}
+
+static int
+write_l1 (struct q2_image *img)
+{
+  uint64_t bytes = (uint64_t) img->l1_size * 8, i;
+  uint8_t *buf = malloc (bytes ? bytes : 1);
+  int r;
+
+  if (buf == NULL)
+    return q2_err (ENOMEM, "out of memory writing the L1 table");
+  for (i = 0; i < img->l1_size; i++)
+    q2_put_be64 (buf + i * 8, img->l1[i]);
+  r = q2_io_pwrite (img->fd, buf, bytes, img->hdr.l1_table_offset,
+                    "L1 table");
+  free (buf);
+  return r;
+}
+
+/* The safe order: refcount increases, then L2 tables, then the L1 table
+ * that points at new L2 tables, each synced before the next; only then
+ * are the refcounts of dropped references decreased. */
+int
+q2_flush_locked (struct q2_image *img)
+{
+  int r;
+
+  if (img->readonly)
+    return 0;
+  if ((r = q2_flush_refcounts (img)) < 0)
+    return r;
+  if (q2_cache_has_dirty (img->l2_cache)) {
+    if ((r = q2_cache_flush (img->l2_cache)) < 0)
+      return r;
+    if (img->l1_dirty && (r = q2_sync (img)) < 0)
+      return r;
+  }
+  if (img->l1_dirty) {
+    if ((r = write_l1 (img)) < 0)
+      return r;
+    img->l1_dirty = false;
+  }
+  if (img->nb_pending_free) {
+    if ((r = q2_sync (img)) < 0)
+      return r;
+    if ((r = q2_apply_pending_frees (img)) < 0)
+      return r;
+    if ((r = q2_flush_refcounts (img)) < 0)
+      return r;
+  }
+  /* Data written in place, and whatever the steps above wrote. */
+  return q2_sync (img);
+}

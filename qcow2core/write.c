@@ -1,0 +1,437 @@
+/* The write path: in-place writes to clusters we own, and allocating
+ * writes with copy-on-write of the untouched part of each cluster (or
+ * subcluster) from whatever the guest currently sees there. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define L2_BITMAP_ALL_ZERO 0xffffffff00000000ULL
+
+static bool
+has_data_file (const struct q2_image *img)
+{
+  return img->data_fd != img->fd;
+}
+
+int
+q2_l2_table_for_write (struct q2_image *img, uint64_t guest_offset,
+                       uint64_t *l2_offset)
+{
+  uint64_t l1_index = guest_offset >> (img->cluster_bits + img->l2_bits);
+  uint64_t old, t;
+  bool fresh;
+  int r;
+
+  if (l1_index >= img->l1_size)
+    return q2_err (EIO, "guest offset %#llx is beyond the L1 table",
+                   (unsigned long long) guest_offset);
+  if ((r = q2_l1_entry_l2 (img, l1_index, &old)) < 0)
+    return q2_mark_corrupt (img, "%s", q2_last_error ());
+  if (old && (img->l1[l1_index] & QCOW_OFLAG_COPIED)) {
+    *l2_offset = old;
+    return 0;
+  }
+
+  /* A new table, or a private copy of one shared with a snapshot. */
+  if ((r = q2_alloc_clusters (img, 1, &t, &fresh)) < 0)
+    return r;
+  r = q2_check_overlap (img, t, img->cluster_size, "new L2 table",
+                        Q2_OVERLAP_ALL);
+  if (r < 0)
+    return r;
+  {
+    uint8_t *buf = q2_scratch (Q2_SCRATCH_COW, img->cluster_size);
+    if (buf == NULL)
+      return q2_err (ENOMEM, "out of memory");
+    if (old) {
+      /* Dirty slices of the old table are newer than the disk. */
+      if ((r = q2_cache_flush (img->l2_cache)) < 0)
+        return r;
+      r = q2_io_pread (img->fd, buf, img->cluster_size, old, false,
+                       "L2 table");
+      if (r < 0)
+        return r;
+    }
+    else
+      memset (buf, 0, img->cluster_size);
+    r = q2_io_pwrite (img->fd, buf, img->cluster_size, t, "new L2 table");
+    if (r < 0)
+      return r;
+  }
+  q2_cache_discard (img->l2_cache, t, img->cluster_size);
+  /* The L1 entry reaches the disk at flush, after the table is synced. */
+  img->l1[l1_index] = t | QCOW_OFLAG_COPIED;
+  img->l1_dirty = true;
+  if (old && (r = q2_free_later (img, old, img->cluster_size)) < 0)
+    return r;
+  *l2_offset = t;
+  return 0;
+}
+
+int
+q2_l2_entry_ref (struct q2_image *img, uint64_t l2_offset,
+                 uint64_t guest_offset, uint8_t **entry, uint64_t *slice_off)
+{
+  uint64_t idx = (guest_offset >> img->cluster_bits) &
+    ((1ULL << img->l2_bits) - 1);
+  uint64_t byte = idx * img->l2_entry_size;
+  uint64_t ss = q2_cache_slice_size (img->l2_cache);
+  uint8_t *slice;
+  int r;
+
+  *slice_off = l2_offset + Q2_ROUND_DOWN (byte, ss);
+  r = q2_cache_get (img->l2_cache, img->fd, *slice_off, "L2 table", &slice);
+  if (r < 0)
+    return r;
+  *entry = slice + (byte & (ss - 1));
+  return 0;
+}
+
+int
+q2_get_l2_entry (struct q2_image *img, uint64_t guest_offset, bool for_write,
+                 uint64_t *entry, uint64_t *bitmap, uint64_t *l2_offset)
+{
+  uint64_t l1_index = guest_offset >> (img->cluster_bits + img->l2_bits);
+  uint64_t so;
+  uint8_t *e;
+  int r;
+
+  *entry = *bitmap = 0;
+  if (for_write)
+    r = q2_l2_table_for_write (img, guest_offset, l2_offset);
+  else
+    r = q2_l1_entry_l2 (img, l1_index, l2_offset);
+  if (r < 0 || *l2_offset == 0)
+    return r;
+  if ((r = q2_l2_entry_ref (img, *l2_offset, guest_offset, &e, &so)) < 0)
+    return r;
+  *entry = q2_be64 (e);
+  if (img->extended_l2)
+    *bitmap = q2_be64 (e + 8);
+  return 0;
+}
+
+int
+q2_set_l2_entry (struct q2_image *img, uint64_t l2_offset,
+                 uint64_t guest_offset, uint64_t entry, uint64_t bitmap)
+{
+  uint64_t so;
+  uint8_t *e;
+  int r = q2_l2_entry_ref (img, l2_offset, guest_offset, &e, &so);
+
+  if (r < 0)
+    return r;
+  q2_put_be64 (e, entry);
+  if (img->extended_l2)
+    q2_put_be64 (e + 8, bitmap);
+  q2_cache_mark_dirty (img->l2_cache, so);
+  return 0;
+}
+
+/* Queues the release of the host data an L2 entry referenced. */
+int
+q2_release_entry (struct q2_image *img, uint64_t entry)
+{
+  struct q2_l2_decoded d;
+  int r;
+
+  if (has_data_file (img))
+    return 0;                   /* data clusters are not refcounted */
+  if ((r = q2_decode_l2 (img, entry, 0, 0, &d)) < 0)
+    return 0;                   /* bitmap errors do not matter here */
+  if (d.type == Q2_COMPRESSED)
+    return q2_free_later (img, d.host_offset, d.csize);
+  if (d.host_offset)
+    return q2_free_later (img, d.host_offset, img->cluster_size);
+  return 0;
+}
+
+/* Does the guest range read as zeros with nothing to copy from? */
+static int
+reads_as_zero (struct q2_image *img, uint64_t offset, uint64_t len,
+               bool *zero)
+{
+  *zero = true;
+  while (len > 0) {
+    struct q2_map m;
+    int r = q2_map (img, offset, len, &m);
+    if (r < 0)
+      return r;
+    if (m.type == Q2_NORMAL || m.type == Q2_COMPRESSED ||
+        (m.type == Q2_UNALLOC && img->backing &&
+         offset < img->backing->virtual_size)) {
+      *zero = false;
+      return 0;
+    }
+    offset += m.length;
+    len -= m.length;
+  }
+  return 0;
+}
+
+/* Zeroes a host range without writing a buffer when the file system can. */
+int
+q2_zero_host (struct q2_image *img, int fd, uint64_t offset, uint64_t len)
+{
+  static const uint8_t zeros[65536];
+
+  if (len == 0)
+    return 0;
+  if (fallocate (fd, FALLOC_FL_ZERO_RANGE, offset, len) == 0)
+    return 0;
+  while (len > 0) {
+    uint64_t n = Q2_MIN (len, sizeof zeros);
+    int r = q2_io_pwrite (fd, zeros, n, offset, "zeroing");
+    if (r < 0)
+      return r;
+    offset += n;
+    len -= n;
+  }
+  return 0;
+}
+
+/* Copy-on-write source for [off, off+len) of the guest: either read it
+ * into buf, or, when it reads as zeros, zero the host range instead
+ * (nothing at all when the host cluster is fresh). */
+static int
+prepare_cow (struct q2_image *img, uint64_t guest_off, uint64_t len,
+             uint8_t *buf, uint64_t host_off, bool fresh, bool *use_buf)
+{
+  bool zero;
+  int r;
+
+  *use_buf = false;
+  if (len == 0)
+    return 0;
+  if ((r = reads_as_zero (img, guest_off, len, &zero)) < 0)
+    return r;
+  if (zero)
+    return fresh ? 0 : q2_zero_host (img, img->data_fd, host_off, len);
+  *use_buf = true;
+  return q2_layer_pread (img, buf, len, guest_off);
+}
+
+/* Writes [a, b) of one guest cluster.  Caller holds io_lock exclusively
+ * and has called q2_prepare_write. */
+static int
+write_cluster (struct q2_image *img, const uint8_t *data, uint64_t gc,
+               uint64_t a, uint64_t b)
+{
+  uint64_t cs = img->cluster_size, entry, bitmap, l2, host, ra, rb;
+  uint64_t new_bitmap = 0, old_entry;
+  bool owned, allocated, compressed, new_cluster, fresh = false;
+  bool head_buf, tail_buf;
+  uint8_t *head, *tail;
+  struct iovec iov[3];
+  int n = 0, r;
+  struct q2_l2_decoded d;
+  ssize_t w;
+
+  r = q2_get_l2_entry (img, gc, true, &entry, &bitmap, &l2);
+  if (r < 0)
+    return r;
+  old_entry = entry;
+  /* Invalid entries found while writing mean corruption. */
+  if (q2_decode_l2 (img, entry, bitmap, 0, &d) < 0)
+    return q2_mark_corrupt (img, "L2 entry for guest offset %#llx: %s",
+                            (unsigned long long) gc, q2_last_error ());
+  compressed = d.type == Q2_COMPRESSED;
+  allocated = !compressed && (d.host_offset != 0 || d.copied);
+  owned = allocated && d.copied;
+  host = d.host_offset;
+
+  if (has_data_file (img)) {
+    host = gc;                  /* guest offset == data file offset */
+    owned = true;
+  }
+  new_cluster = !owned;
+  if (new_cluster) {
+    if ((r = q2_alloc_clusters (img, 1, &host, &fresh)) < 0)
+      return r;
+  }
+
+  /* Which bytes of the host cluster this write must fill. */
+  if (!img->extended_l2) {
+    bool zero_flag = !compressed && (entry & QCOW_OFLAG_ZERO);
+    if (new_cluster || zero_flag || !allocated)
+      ra = 0, rb = cs;
+    else
+      ra = a, rb = b;
+  }
+  else {
+    uint64_t scs = cs / 32;
+    unsigned sa = a / scs, sb = (b - 1) / scs, i;
+    if (new_cluster && (compressed || allocated)) {
+      /* Replacing a shared or compressed cluster: copy all of it. */
+      ra = 0, rb = cs;
+      new_bitmap = 0xffffffffULL;
+    }
+    else {
+      bool in_place_a = owned && (bitmap & (1ULL << sa));
+      bool in_place_b = owned && (bitmap & (1ULL << sb));
+      if (!owned)
+        bitmap = entry & L2E_OFFSET_MASK ? bitmap : bitmap & L2_BITMAP_ALL_ZERO;
+      ra = in_place_a ? a : sa * scs;
+      rb = in_place_b ? b : (sb + 1) * scs;
+      new_bitmap = bitmap;
+      for (i = sa; i <= sb; i++)
+        new_bitmap = (new_bitmap | (1ULL << i)) & ~(1ULL << (32 + i));
+    }
+  }
+
+  r = q2_check_overlap (img, host + ra, rb - ra, "guest data",
+                        has_data_file (img) ? 0 : Q2_OVERLAP_ALL);
+  if (r < 0)
+    return r;
+  head = q2_scratch (Q2_SCRATCH_CLUSTER, cs);
+  tail = q2_scratch (Q2_SCRATCH_COMPRESSED, cs);
+  if (head == NULL || tail == NULL)
+    return q2_err (ENOMEM, "out of memory for copy-on-write");
+  r = prepare_cow (img, gc + ra, a - ra, head, host + ra, fresh, &head_buf);
+  if (r < 0)
+    return r;
+  r = prepare_cow (img, gc + b, rb - b, tail, host + b, fresh, &tail_buf);
+  if (r < 0)
+    return r;
+
+  /* Head, data and tail in one write where they are contiguous. */
+  {
+    uint64_t wstart = head_buf ? ra : a;
+    uint64_t wend = tail_buf ? rb : b;
+    if (head_buf)
+      iov[n++] = (struct iovec) { head, a - ra };
+    iov[n++] = (struct iovec) { (void *) data, b - a };
+    if (tail_buf)
+      iov[n++] = (struct iovec) { tail, rb - b };
+    w = pwritev (img->data_fd, iov, n, host + wstart);
+    if (w != (ssize_t) (wend - wstart)) {
+      /* Short or failed: finish it the slow, checked way. */
+      uint64_t off = host + wstart;
+      int i;
+      for (i = 0; i < n; i++) {
+        r = q2_io_pwrite (img->data_fd, iov[i].iov_base, iov[i].iov_len, off,
+                          "guest data");
+        if (r < 0)
+          return r;
+        off += iov[i].iov_len;
+      }
+    }
+    if (host + wend > img->file_size && !has_data_file (img))
+      img->file_size = host + wend;
+  }
+
+  /* Link the cluster. */
+  entry = host | QCOW_OFLAG_COPIED;
+  if ((r = q2_set_l2_entry (img, l2, gc, entry, new_bitmap)) < 0)
+    return r;
+  if (new_cluster && (compressed || allocated))
+    return q2_release_entry (img, old_entry);
+  return 0;
+}
+
+int
+q2_write_locked (struct q2_image *img, const uint8_t *buf, uint64_t count,
+                 uint64_t offset)
+{
+  uint64_t cs = img->cluster_size;
+
+  while (count > 0) {
+    uint64_t gc = Q2_ROUND_DOWN (offset, cs);
+    uint64_t a = offset - gc;
+    uint64_t n = Q2_MIN (count, cs - a);
+    int r = write_cluster (img, buf, gc, a, a + n);
+    if (r < 0)
+      return r;
+    buf += n;
+    offset += n;
+    count -= n;
+  }
+  return 0;
+}
+
+/* Writes what can be written in place (clusters we own, data already
+ * allocated) under the shared lock; returns how many leading bytes were
+ * written. */
+static int
+write_in_place (struct q2_image *img, const uint8_t *buf, uint64_t count,
+                uint64_t offset, uint64_t *done)
+{
+  *done = 0;
+  if (img->readonly || img->corrupt || !img->header_touched)
+    return 0;
+  while (count > 0) {
+    struct q2_map m;
+    int r = q2_map (img, offset, count, &m);
+    if (r < 0)
+      return r;
+    if (m.type != Q2_NORMAL || !m.copied)
+      return 0;
+    r = q2_check_overlap (img, m.host_offset, m.length, "guest data",
+                          has_data_file (img) ? 0 : Q2_OVERLAP_ALL);
+    if (r < 0)
+      return r;
+    r = q2_io_pwrite (img->data_fd, buf, m.length, m.host_offset,
+                      "guest data");
+    if (r < 0)
+      return r;
+    buf += m.length;
+    offset += m.length;
+    count -= m.length;
+    *done += m.length;
+  }
+  return 0;
+}
+
+static int
+check_range (const struct q2_image *img, uint64_t count, uint64_t offset,
+             const char *op)
+{
+  if (offset > img->virtual_size || count > img->virtual_size - offset)
+    return q2_err (ENOSPC, "%s of %llu bytes at offset %llu is beyond the "
+                   "end of the disk", op, (unsigned long long) count,
+                   (unsigned long long) offset);
+  return 0;
+}
+
+int
+q2_flush (struct q2_image *img)
+{
+  int r;
+
+  pthread_rwlock_wrlock (&img->io_lock);
+  r = q2_flush_locked (img);
+  pthread_rwlock_unlock (&img->io_lock);
+  return r;
+}
+
+int
+q2_pwrite (struct q2_image *img, const void *buf, uint64_t count,
+           uint64_t offset, bool fua)
+{
+  uint64_t done;
+  int r;
+
+  if ((r = check_range (img, count, offset, "write")) < 0)
+    return r;
+  pthread_rwlock_rdlock (&img->io_lock);
+  r = write_in_place (img, buf, count, offset, &done);
+  pthread_rwlock_unlock (&img->io_lock);
+  if (r < 0)
+    return r;
+  if (done < count) {
+    pthread_rwlock_wrlock (&img->io_lock);
+    r = q2_prepare_write (img);
+    if (r == 0)
+      r = q2_write_locked (img, (const uint8_t *) buf + done, count - done,
+                           offset + done);
+    pthread_rwlock_unlock (&img->io_lock);
+    if (r < 0)
+      return r;
+  }
+  return fua ? q2_flush (img) : 0;
+}
