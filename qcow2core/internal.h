@@ -183,6 +183,20 @@ int q2_cache_flush (struct q2_cache *c);
 void q2_cache_discard (struct q2_cache *c, uint64_t offset, uint64_t length);
 uint32_t q2_cache_slice_size (const struct q2_cache *c);
 
+/* ---- snapshot.c ---- */
+struct q2_snapshot {
+  uint64_t l1_offset;
+  uint32_t l1_size;
+  char *id, *name;
+  uint32_t date_sec, date_nsec;
+  uint64_t vm_clock_nsec;
+  uint64_t vm_state_size;
+  uint64_t disk_size;
+  uint64_t icount;
+  uint32_t extra_size;
+  uint8_t *extra;               /* all extra data, known and unknown */
+};
+
 /* ---- the image ---- */
 enum q2_format { Q2_FMT_RAW, Q2_FMT_QCOW2 };
 
@@ -211,6 +225,10 @@ struct q2_image {
   uint32_t l1_size;
   uint64_t *reftable;           /* host endian */
   uint64_t reftable_entries;
+
+  struct q2_snapshot *snapshots;
+  uint32_t nb_snapshots;
+  uint64_t snapshot_table_len;  /* bytes */
 
   /* Guards the caches below and the lazily computed fields. */
   pthread_mutex_t lock;
@@ -249,6 +267,22 @@ int q2_open_layer (const char *path, const char *format, bool readonly,
                    uint64_t l2_cache_size, int depth,
                    const char *const *chain, struct q2_image **out);
 void q2_free_layer (struct q2_image *img);
+
+int q2_snapshots_load (struct q2_image *img);
+void q2_snapshots_free (struct q2_image *img);
+
+/* ---- check.c: reference walk and refcount rebuild ---- */
+/* Counts every reference to every host cluster: header, L1/L2 tables of
+ * the active image and all snapshots, data clusters, the snapshot table,
+ * encryption header and bitmaps.  Refcount structures are counted only
+ * when with_refcount_structures.  *refs has *nb entries (clusters of the
+ * file) and is malloc'd.  Returns -EIO naming the first broken
+ * reference. */
+int q2_count_references (struct q2_image *img, bool with_refcount_structures,
+                         uint32_t **refs, uint64_t *nb);
+/* Writes new refcount structures matching the references and fixes the
+ * COPIED flags (repair of a dirty image; check -r all). */
+int q2_rebuild_refcounts (struct q2_image *img);
 
 /* ---- map.c: guest to host mapping ---- */
 enum q2_type {

@@ -161,6 +161,8 @@ setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
   r = read_table (img, h->l1_table_offset, h->l1_size, "L1 table", &img->l1);
   if (r < 0)
     return r;
+  if ((r = q2_snapshots_load (img)) < 0)
+    return r;
   img->reftable_entries =
     (uint64_t) h->refcount_table_clusters * img->cluster_size / 8;
   r = read_table (img, h->refcount_table_offset, img->reftable_entries,
@@ -350,6 +352,7 @@ q2_free_layer (struct q2_image *img)
   q2_cache_free (img->rb_cache);
   free (img->l1);
   free (img->reftable);
+  q2_snapshots_free (img);
   q2_header_free (&img->hdr);
   free (img->data_path);
   free (img->path);
@@ -403,11 +406,6 @@ make_writable_locked (struct q2_image *img)
     return q2_err (EROFS, "%s: the image is marked corrupt (incompatible "
                    "bit 1); it can only be served read-only until it is "
                    "repaired (qemu-img check -r all)", img->path);
-  if (h->incompatible_features & QCOW2_INCOMPAT_DIRTY)
-    return q2_err (EROFS, "%s: the image is marked dirty (incompatible bit "
-                   "0: refcounts may be stale); repair it with "
-                   "'qemu-img check -r all' or serve it read-only",
-                   img->path);
   if ((r = reopen_rw (img->fd, img->path, "image")) < 0)
     return r;
   if (img->data_fd != img->fd &&
@@ -420,6 +418,16 @@ make_writable_locked (struct q2_image *img)
   q2_cache_set_writeback (img->l2_cache, q2_l2_writeback, img);
   q2_cache_set_writeback (img->rb_cache, q2_rb_writeback, img);
   img->readonly = false;
+  /* Refcounts of a dirty image may be stale: rebuild them from the
+   * L1/L2 walk before anything trusts them, as QEMU does. */
+  if (h->incompatible_features & QCOW2_INCOMPAT_DIRTY) {
+    r = q2_rebuild_refcounts (img);
+    if (r < 0) {
+      img->readonly = true;
+      return q2_err_prefix (r, "%s: could not repair the dirty image",
+                            img->path);
+    }
+  }
   return 0;
 }
 
