@@ -46,21 +46,22 @@ q2_header_feature_name (const struct q2_header *h, uint8_t type, uint8_t bit)
 /* A table of 'entries' items of 'entry_size' bytes at 'offset' must be
  * cluster-aligned and lie inside the file. */
 static int
-check_table (const char *name, uint64_t offset, uint64_t entries,
+check_table (const char *size_field, const char *offset_field,
+             uint64_t offset, uint64_t entries,
              uint64_t entry_size, uint64_t max_bytes, uint64_t cluster_size,
              uint64_t file_size)
 {
   if (entries > max_bytes / entry_size)
-    return q2_err (EINVAL, "%s: %llu entries is too large (at most %llu bytes)",
-                   name, (unsigned long long) entries,
+    return q2_err (EINVAL, "%s: %llu entries is too large (at most %llu "
+                   "bytes)", size_field, (unsigned long long) entries,
                    (unsigned long long) max_bytes);
   if (!Q2_IS_ALIGNED (offset, cluster_size))
-    return q2_err (EINVAL, "%s offset %#llx is not aligned to the cluster size",
-                   name, (unsigned long long) offset);
+    return q2_err (EINVAL, "%s %#llx is not aligned to the cluster size",
+                   offset_field, (unsigned long long) offset);
   if (entries > 0 &&
       (offset >= file_size || entries * entry_size > file_size - offset))
-    return q2_err (EINVAL, "%s at offset %#llx (%llu bytes) is past the end "
-                   "of the file (%llu bytes)", name,
+    return q2_err (EINVAL, "%s %#llx (%llu bytes) is past the end "
+                   "of the file (%llu bytes)", offset_field,
                    (unsigned long long) offset,
                    (unsigned long long) (entries * entry_size),
                    (unsigned long long) file_size);
@@ -171,7 +172,8 @@ parse_one_extension (struct q2_header *h, uint32_t type, uint32_t len,
     if (q2_be32 (data + 4) != 0)
       return q2_err (EINVAL, "bitmaps header extension: reserved field "
                      "is not zero");
-    return check_table ("bitmap directory", h->bitmap_dir_offset,
+    return check_table ("bitmap directory size", "bitmap directory offset",
+                        h->bitmap_dir_offset,
                         h->bitmap_dir_size, 1, MAX_BITMAP_DIR, cluster_size,
                         file_size);
 
@@ -255,9 +257,23 @@ check_incompatible (const struct q2_header *h)
                  (unsigned long long) h->incompatible_features, msg);
 }
 
+static int parse_header (const uint8_t *buf, size_t len, uint64_t file_size,
+                         struct q2_header *h);
+
 int
 q2_header_parse (const uint8_t *buf, size_t len, uint64_t file_size,
                  struct q2_header *h)
+{
+  int r = parse_header (buf, len, file_size, h);
+
+  if (r < 0)
+    q2_header_free (h);         /* leaves it cleared */
+  return r;
+}
+
+static int
+parse_header (const uint8_t *buf, size_t len, uint64_t file_size,
+              struct q2_header *h)
 {
   uint64_t cluster_size, ext_end, l2_entries, l1_needed;
   uint32_t hdr_len;
@@ -425,7 +441,8 @@ q2_header_parse (const uint8_t *buf, size_t len, uint64_t file_size,
                 (unsigned long long) h->size, (unsigned long long) l1_needed);
     goto fail;
   }
-  r = check_table ("l1_table_offset: L1 table", h->l1_table_offset,
+  r = check_table ("l1_size (L1 table)", "l1_table_offset (L1 table)",
+                   h->l1_table_offset,
                    h->l1_size, 8, QCOW2_MAX_L1_BYTES, cluster_size,
                    file_size);
   if (r < 0)
@@ -435,7 +452,8 @@ q2_header_parse (const uint8_t *buf, size_t len, uint64_t file_size,
                 "refcount table");
     goto fail;
   }
-  r = check_table ("refcount_table_offset: refcount table",
+  r = check_table ("refcount_table_clusters (refcount table)",
+                   "refcount_table_offset (refcount table)",
                    h->refcount_table_offset,
                    (uint64_t) h->refcount_table_clusters * cluster_size / 8,
                    8, QCOW2_MAX_REFTABLE_BYTES, cluster_size, file_size);
@@ -446,7 +464,8 @@ q2_header_parse (const uint8_t *buf, size_t len, uint64_t file_size,
                 h->nb_snapshots, QCOW2_MAX_SNAPSHOTS);
     goto fail;
   }
-  r = check_table ("snapshots_offset: snapshot table", h->snapshots_offset,
+  r = check_table ("nb_snapshots (snapshot table)",
+                   "snapshots_offset (snapshot table)", h->snapshots_offset,
                    h->nb_snapshots, SNAPSHOT_HEADER_LEN, MAX_SNAPSHOT_TABLE,
                    cluster_size, file_size);
   if (r < 0)
@@ -454,6 +473,5 @@ q2_header_parse (const uint8_t *buf, size_t len, uint64_t file_size,
   return 0;
 
  fail:
-  q2_header_free (h);
   return r;
 }

@@ -24,7 +24,7 @@ static char path[] = "/tmp/q2-test-cache-XXXXXX";
 struct wb_log {
   unsigned calls;
   uint64_t offsets[64];
-  uint8_t first_bytes[64];
+  uint8_t first_bytes[64];      /* byte 16 of each written slice */
   uint32_t lens[64];
   int fail_with;                /* return this (< 0) instead of writing */
   bool write_to_file;
@@ -39,7 +39,7 @@ writeback (void *opaque, uint64_t offset, const uint8_t *data, uint32_t len)
     return log->fail_with;
   if (log->calls < 64) {
     log->offsets[log->calls] = offset;
-    log->first_bytes[log->calls] = data[8];
+    log->first_bytes[log->calls] = data[16];
     log->lens[log->calls] = len;
   }
   log->calls++;
@@ -187,7 +187,7 @@ test_dirty_eviction (void)
     return;
   write_all (10);
   CHECK_EQ_U64 (get (c, 5, &p), 10);
-  p[8 + 8] = 0xaa;                      /* change the data... */
+  p[16] = 0xaa;                      /* change the data... */
   memset (p + 100, 0x77, 50);
   q2_cache_mark_dirty (c, OFF (5));     /* ... and mark it */
   CHECK (q2_cache_has_dirty (c));
@@ -221,7 +221,7 @@ test_dirty_eviction (void)
     CHECK_EQ_U64 (nz, 0);
   }
   CHECK (q2_cache_has_dirty (c));
-  p[8] = 0x99;
+  p[16] = 0x99;
   CHECK_EQ_U64 (get (c, 1, NULL), 10);
   CHECK_EQ_U64 (get (c, 2, NULL), 10);  /* evicts 50 */
   CHECK_EQ_U64 (log.calls, 1);
@@ -252,11 +252,11 @@ test_flush (void)
     return;
   write_all (20);
   CHECK_EQ_U64 (get (c, 1, &p), 20);
-  p[8] = 0x11;
+  p[16] = 0x11;
   q2_cache_mark_dirty (c, OFF (1));
   CHECK_EQ_U64 (get (c, 2, NULL), 20);   /* clean */
   CHECK_EQ_U64 (get (c, 3, &p), 20);
-  p[8] = 0x33;
+  p[16] = 0x33;
   q2_cache_mark_dirty (c, OFF (3));
   CHECK_EQ_INT (q2_cache_flush (c), 0);
   CHECK_EQ_U64 (log.calls, 2);
@@ -268,7 +268,7 @@ test_flush (void)
   CHECK_EQ_INT (q2_cache_flush (c), 0);
   CHECK_EQ_U64 (log.calls, 2);
   CHECK_EQ_U64 (get (c, 1, &p), 20);
-  CHECK_EQ_U64 (p[8], 0x11);
+  CHECK_EQ_U64 (p[16], 0x11);
   /* ... nor when they are evicted. */
   CHECK_EQ_U64 (get (c, 10, NULL), 20);
   CHECK_EQ_U64 (get (c, 11, NULL), 20);
@@ -309,10 +309,10 @@ test_discard (void)
     return;
   write_all (30);
   CHECK_EQ_U64 (get (c, 1, &p), 30);
-  p[8] = 0x11;
+  p[16] = 0x11;
   q2_cache_mark_dirty (c, OFF (1));
   CHECK_EQ_U64 (get (c, 2, &p), 30);
-  p[8] = 0x22;
+  p[16] = 0x22;
   q2_cache_mark_dirty (c, OFF (2));
   CHECK_EQ_U64 (get (c, 3, NULL), 30);
 
@@ -325,7 +325,7 @@ test_discard (void)
   CHECK_EQ_U64 (log.offsets[0], OFF (2));
   write_all (31);
   CHECK_EQ_U64 (get (c, 1, &p), 31);        /* re-read */
-  CHECK_EQ_U64 (p[8], 0x41);
+  CHECK_EQ_U64 (p[16], 0x41);
   CHECK_EQ_U64 (get (c, 3, NULL), 30);      /* untouched: still cached */
 
   /* A range covering several slices, some dirty; ones outside stay. */
@@ -394,6 +394,35 @@ test_read_error (void)
   q2_cache_free (NULL);
 }
 
+/* open.c creates its caches without a write-back function and sets it
+ * later; fewer than 2 slots are rounded up to 2. */
+static void
+test_set_writeback (void)
+{
+  struct wb_log log = { 0 };
+  struct q2_cache *c = q2_cache_new (SLICE, 1, NULL, NULL);
+  uint8_t *p;
+
+  CHECK (c != NULL);
+  if (!c)
+    return;
+  write_all (50);
+  CHECK_EQ_U64 (get (c, 0, NULL), 50);
+  CHECK_EQ_U64 (get (c, 1, NULL), 50);
+  write_all (51);
+  CHECK_EQ_U64 (get (c, 0, NULL), 50);      /* two slots after all */
+  q2_cache_set_writeback (c, writeback, &log);
+  CHECK_EQ_U64 (get (c, 1, &p), 50);
+  p[16] = 0x5e;
+  q2_cache_mark_dirty (c, OFF (1));
+  CHECK_EQ_U64 (get (c, 0, NULL), 50);
+  CHECK_EQ_U64 (get (c, 2, NULL), 51);      /* evicts 1 */
+  CHECK_EQ_U64 (log.calls, 1);
+  CHECK_EQ_U64 (log.offsets[0], OFF (1));
+  CHECK_EQ_U64 (log.first_bytes[0], 0x5e);
+  q2_cache_free (c);
+}
+
 int
 main (void)
 {
@@ -409,6 +438,7 @@ main (void)
   RUN (test_flush);
   RUN (test_discard);
   RUN (test_read_error);
+  RUN (test_set_writeback);
   close (fd);
   return unit_done ();
 }

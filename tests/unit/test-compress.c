@@ -44,17 +44,18 @@ xmalloc (size_t n)
   return p;
 }
 
-/* Raw deflate as QEMU's qcow2_zlib_compress does it.  Returns the
- * compressed size; dst must hold compressBound-ish bytes. */
+/* Raw deflate as QEMU's qcow2_zlib_compress does it (window_bits -12,
+ * Z_DEFAULT_COMPRESSION, memLevel 9).  Returns the compressed size; dst
+ * must hold compressBound-ish bytes. */
 static size_t
-deflate_raw (const uint8_t *src, size_t len, uint8_t *dst, size_t dst_len,
-             int window_bits)
+deflate_raw_level (const uint8_t *src, size_t len, uint8_t *dst,
+                   size_t dst_len, int window_bits, int level)
 {
   z_stream s;
   int r;
 
   memset (&s, 0, sizeof s);
-  r = deflateInit2 (&s, Z_DEFAULT_COMPRESSION, Z_DEFLATED, window_bits, 9,
+  r = deflateInit2 (&s, level, Z_DEFLATED, window_bits, 9,
                     Z_DEFAULT_STRATEGY);
   if (r != Z_OK)
     abort ();
@@ -70,9 +71,34 @@ deflate_raw (const uint8_t *src, size_t len, uint8_t *dst, size_t dst_len,
 }
 
 static size_t
+deflate_raw (const uint8_t *src, size_t len, uint8_t *dst, size_t dst_len,
+             int window_bits)
+{
+  return deflate_raw_level (src, len, dst, dst_len, window_bits,
+                            Z_DEFAULT_COMPRESSION);
+}
+
+/* The same with the fastest level, for the variants (keeps the 2 MiB
+ * case quick). */
+static size_t
+deflate_fast (const uint8_t *src, size_t len, uint8_t *dst, size_t dst_len,
+              int window_bits)
+{
+  return deflate_raw_level (src, len, dst, dst_len, window_bits,
+                            Z_BEST_SPEED);
+}
+
+/* One zstd frame, as ZSTD_compress makes it (level 1 and a reused
+ * context keep the 2 MiB case fast; the decoder does not care). */
+static size_t
 zstd (const uint8_t *src, size_t len, uint8_t *dst, size_t dst_len)
 {
-  size_t r = ZSTD_compress (dst, dst_len, src, len, 3);
+  static ZSTD_CCtx *cctx;
+  size_t r;
+
+  if (cctx == NULL && (cctx = ZSTD_createCCtx ()) == NULL)
+    abort ();
+  r = ZSTD_compressCCtx (cctx, dst, dst_len, src, len, 1);
   if (ZSTD_isError (r))
     abort ();
   return r;
@@ -80,6 +106,16 @@ zstd (const uint8_t *src, size_t len, uint8_t *dst, size_t dst_len)
 
 static const size_t cluster_sizes[] = { 512, 4096, 65536, 2u << 20 };
 #define NR_SIZES (sizeof cluster_sizes / sizeof cluster_sizes[0])
+
+/* Trailing garbage lengths to try: 0..7 and a few up to 1024, fewer for
+ * big clusters to keep the test fast. */
+static size_t
+next_tail (size_t tail, size_t cs)
+{
+  if (cs > 65536)
+    return tail == 0 ? 1 : tail == 1 ? 511 : tail == 511 ? 1024 : 9999;
+  return tail < 8 ? tail + 1 : tail + 337;
+}
 
 /* Appends n bytes of garbage after len bytes in buf. */
 static void
@@ -108,7 +144,7 @@ test_zlib (void)
 
     /* Exact length, then with trailing garbage up to the next sector
      * and beyond (the next compressed cluster may follow). */
-    for (tail = 0; tail <= 1024; tail += tail < 8 ? 1 : 337) {
+    for (tail = 0; tail <= 1024; tail = next_tail (tail, cs)) {
       garbage (z, zlen, tail);
       memset (out, 0xee, cs);
       CHECK_EQ_INT (q2_decompress (0, z, zlen + tail, out, cs), 0);
@@ -121,20 +157,20 @@ test_zlib (void)
     CHECK (memcmp (out, data, cs) == 0);
 
     /* A foreign encoder with the largest window. */
-    zlen = deflate_raw (data, cs, z, cap, -15);
+    zlen = deflate_fast (data, cs, z, cap, -15);
     garbage (z, zlen, 100);
     memset (out, 0, cs);
     CHECK_EQ_INT (q2_decompress (0, z, zlen + 100, out, cs), 0);
     CHECK (memcmp (out, data, cs) == 0);
 
     /* Truncated: half the stream cannot produce a whole cluster. */
-    zlen = deflate_raw (data, cs, z, cap, -12);
+    zlen = deflate_fast (data, cs, z, cap, -12);
     CHECK_EQ_INT (q2_decompress (0, z, zlen / 2, out, cs), -EIO);
     CHECK_STR_CONTAINS (q2_last_error (), "zlib");
     CHECK_EQ_INT (q2_decompress (0, z, 0, out, cs), -EIO);
 
     /* Too short: a whole stream for half a cluster. */
-    zlen = deflate_raw (data, cs / 2, z, cap, -12);
+    zlen = deflate_fast (data, cs / 2, z, cap, -12);
     CHECK_EQ_INT (q2_decompress (0, z, zlen, out, cs), -EIO);
 
     /* A zlib stream (with its 2-byte header) is not raw deflate: it
@@ -142,7 +178,7 @@ test_zlib (void)
     {
       uLongf dl = cap;
       int r;
-      if (compress2 (z, &dl, data, cs, Z_DEFAULT_COMPRESSION) != Z_OK)
+      if (compress2 (z, &dl, data, cs, Z_BEST_SPEED) != Z_OK)
         abort ();
       memset (out, 0, cs);
       r = q2_decompress (0, z, dl, out, cs);
@@ -191,7 +227,7 @@ test_zstd (void)
     fill (data, 2 * cs, cs + 7);
     zlen = zstd (data, cs, z, cap);
 
-    for (tail = 0; tail <= 1024; tail += tail < 8 ? 1 : 337) {
+    for (tail = 0; tail <= 1024; tail = next_tail (tail, cs)) {
       garbage (z, zlen, tail);
       memset (out, 0xee, cs);
       CHECK_EQ_INT (q2_decompress (1, z, zlen + tail, out, cs), 0);
@@ -268,6 +304,19 @@ test_zstd (void)
       garbage (z, zlen, 17);
       memset (out, 0, cs);
       CHECK_EQ_INT (q2_decompress (1, z, zlen + 17, out, cs), 0);
+      CHECK (memcmp (out, data, cs) == 0);
+      /* Flushed, then ended: the last block is an empty one after the
+       * output is already complete. */
+      ZSTD_CCtx_reset (cctx, ZSTD_reset_session_and_parameters);
+      {
+        ZSTD_inBuffer in = { data, cs, 0 };
+        ZSTD_outBuffer o = { z, cap, 0 };
+        CHECK_EQ_U64 (ZSTD_compressStream2 (cctx, &o, &in, ZSTD_e_flush), 0);
+        CHECK_EQ_U64 (ZSTD_compressStream2 (cctx, &o, &in, ZSTD_e_end), 0);
+        zlen = o.pos;
+      }
+      memset (out, 0, cs);
+      CHECK_EQ_INT (q2_decompress (1, z, zlen, out, cs), 0);
       CHECK (memcmp (out, data, cs) == 0);
       ZSTD_freeCCtx (cctx);
     }

@@ -709,6 +709,28 @@ test_reject_incompatible (void)
   expect_reject_hb (&hb, &s, ENOTSUP, "incompatible_features",
                     "named bit 5 field");
 
+  /* Every unknown bit, each with a 46-character name: the message is
+   * bounded and still names the first. */
+  {
+    uint8_t big[59 * 48];
+    char nm[47];
+    int b;
+
+    s = spec_default (3, 16);
+    s.incompat = ~QCOW2_INCOMPAT_KNOWN;
+    hdr_build (&hb, &s);
+    for (b = 5; b < 64; b++) {
+      memset (nm, 'a' + b % 26, 46);
+      nm[46] = '\0';
+      nm[0] = '0' + b / 10;
+      nm[1] = '0' + b % 10;
+      feature_entry (big + (b - 5) * 48, 0, b, nm);
+    }
+    ext_add (&hb, QCOW2_EXT_FEATURE_TABLE, big, sizeof big);
+    expect_reject_hb (&hb, &s, ENOTSUP, "'05ffffff", "all unknown bits named");
+    CHECK (strlen (q2_last_error ()) < 1024);
+  }
+
   /* All known bits together are accepted (with what they need). */
   s = spec_default (3, 16);
   s.incompat = QCOW2_INCOMPAT_KNOWN;

@@ -1,10 +1,19 @@
 /* q2_refblock_entry for refcount_order 0..6 on hand-packed blocks:
  * 1/2/4-bit entries packed LSB first, 8..64-bit entries big-endian. */
+#include <errno.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "internal.h"
 #include "unit.h"
+
+static uint64_t
+value_for (uint64_t c, uint64_t max)
+{
+  return (c * 0x9e3779b97f4a7c15ULL + c) & max;
+}
 
 /* Packs v as entry i the way QEMU does: byte |= v << ((i % n) * bits)
  * for sub-byte widths, big-endian otherwise. */
@@ -122,16 +131,15 @@ test_whole_blocks (void)
     unit_context ("refcount_order %u", order);
     memset (block, 0, sizeof block);
     for (i = 0; i < n; i++)
-      pack (block, order, i, (i * 0x9e3779b97f4a7c15ULL + i) & max);
+      pack (block, order, i, value_for (i, max));
     for (i = 0; i < n; i++)
-      if (q2_refblock_entry (block, order, i) !=
-          ((i * 0x9e3779b97f4a7c15ULL + i) & max))
+      if (q2_refblock_entry (block, order, i) != value_for (i, max))
         bad++;
     CHECK_EQ_U64 (bad, 0);
     /* First and last entries explicitly. */
     CHECK_EQ_U64 (q2_refblock_entry (block, order, 0), 0);
     CHECK_EQ_U64 (q2_refblock_entry (block, order, n - 1),
-                  ((n - 1) * 0x9e3779b97f4a7c15ULL + (n - 1)) & max);
+                  value_for (n - 1, max));
 
     /* A single maximum-value entry does not leak into its neighbours. */
     for (i = 0; i < 17 && i < n; i++) {
@@ -152,10 +160,119 @@ test_whole_blocks (void)
   unit_context (NULL);
 }
 
+/* q2_refcount_get through the refcount table and the slice cache, on a
+ * temporary file: header at cluster 0, the refcount table's place at
+ * cluster 1, refcount blocks for table entries 0 and 2 at clusters 2
+ * and 3; entry 1 is empty, entry 3 is bad, and the table has 4 entries.
+ * With 64 KiB clusters a block spans 16 cache slices of 4 KiB. */
+static void
+test_refcount_get (void)
+{
+  static const uint32_t cbs[] = { 12, 16 };
+  char path[] = "/tmp/q2-test-refcount-XXXXXX";
+  int fd = mkstemp (path);
+  size_t ci;
+  uint32_t order;
+
+  CHECK (fd >= 0);
+  if (fd < 0)
+    return;
+  unlink (path);
+  for (ci = 0; ci < sizeof cbs / sizeof cbs[0]; ci++)
+    for (order = 0; order <= 6; order++) {
+      uint32_t cb = cbs[ci];
+      uint64_t cs = 1ULL << cb;
+      unsigned bits = 1u << order;
+      uint64_t per_block = cs * 8 / bits;
+      uint64_t max = bits == 64 ? UINT64_MAX : (1ULL << bits) - 1;
+      uint64_t reftable[4] = { 2 * cs, 0, 3 * cs, 4 * cs + 512 };
+      uint8_t *blocks = calloc (2, cs);
+      struct q2_image img;
+      uint64_t i, rc, bad = 0, stride = cb == 12 ? 1 : 5;
+      int r;
+
+      unit_context ("cluster_bits %u refcount_order %u", cb, order);
+      if (blocks == NULL)
+        abort ();
+      for (i = 0; i < per_block; i++) {
+        pack (blocks, order, i, value_for (i, max));
+        pack (blocks + cs, order, i, value_for (2 * per_block + i, max));
+      }
+      if (ftruncate (fd, 0) != 0 ||
+          pwrite (fd, blocks, 2 * cs, 2 * cs) != (ssize_t) (2 * cs) ||
+          ftruncate (fd, 6 * cs) != 0)
+        abort ();
+
+      memset (&img, 0, sizeof img);
+      img.fd = img.data_fd = fd;
+      img.file_size = 6 * cs;
+      img.cluster_bits = cb;
+      img.cluster_size = cs;
+      img.hdr.version = 3;
+      img.hdr.cluster_bits = cb;
+      img.hdr.refcount_order = order;
+      img.hdr.refcount_table_offset = cs;
+      img.hdr.refcount_table_clusters = 1;
+      img.refcount_bits = bits;
+      img.reftable = reftable;
+      img.reftable_entries = 4;
+      img.rb_cache = q2_cache_new (Q2_MIN (cs, 4096), 4, NULL, NULL);
+      CHECK (img.rb_cache != NULL);
+      if (img.rb_cache == NULL)
+        abort ();
+
+      /* Block 0, and block 2 (table entry 2). */
+      for (i = 0; i < per_block; i += stride) {
+        r = q2_refcount_get (&img, i, &rc);
+        if (r != 0 || rc != value_for (i, max))
+          bad++;
+        r = q2_refcount_get (&img, 2 * per_block + i, &rc);
+        if (r != 0 || rc != value_for (2 * per_block + i, max))
+          bad++;
+      }
+      CHECK_EQ_U64 (bad, 0);
+      /* The last entry of each block, explicitly. */
+      CHECK_EQ_INT (q2_refcount_get (&img, per_block - 1, &rc), 0);
+      CHECK_EQ_U64 (rc, value_for (per_block - 1, max));
+      CHECK_EQ_INT (q2_refcount_get (&img, 3 * per_block - 1, &rc), 0);
+      CHECK_EQ_U64 (rc, value_for (3 * per_block - 1, max));
+      /* Empty table entry, and past the table: refcount 0. */
+      rc = 99;
+      CHECK_EQ_INT (q2_refcount_get (&img, per_block, &rc), 0);
+      CHECK_EQ_U64 (rc, 0);
+      rc = 99;
+      CHECK_EQ_INT (q2_refcount_get (&img, 2 * per_block - 1, &rc), 0);
+      CHECK_EQ_U64 (rc, 0);
+      rc = 99;
+      CHECK_EQ_INT (q2_refcount_get (&img, 4 * per_block, &rc), 0);
+      CHECK_EQ_U64 (rc, 0);
+      rc = 99;
+      CHECK_EQ_INT (q2_refcount_get (&img, UINT64_MAX >> 9, &rc), 0);
+      CHECK_EQ_U64 (rc, 0);
+      /* An unaligned refcount block offset is corruption. */
+      CHECK_EQ_INT (q2_refcount_get (&img, 3 * per_block, &rc), -EIO);
+      CHECK_STR_CONTAINS (q2_last_error (), "refcount");
+      /* So is one past the end of the file, or on the header or the
+       * refcount table. */
+      reftable[3] = 6 * cs;
+      CHECK_EQ_INT (q2_refcount_get (&img, 3 * per_block, &rc), -EIO);
+      reftable[3] = 1ULL << 50;
+      CHECK_EQ_INT (q2_refcount_get (&img, 3 * per_block, &rc), -EIO);
+      reftable[1] = cs;
+      CHECK_EQ_INT (q2_refcount_get (&img, per_block, &rc), -EIO);
+
+      q2_cache_free (img.rb_cache);
+      free (blocks);
+    }
+  unit_context (NULL);
+  close (fd);
+}
+
 int
 main (void)
 {
   RUN (test_hand_packed);
   RUN (test_whole_blocks);
+  RUN (test_refcount_get);
   return unit_done ();
 }
