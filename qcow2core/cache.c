@@ -127,6 +127,21 @@ lru_push_front (struct q2_cache *c, uint32_t i)
     c->tail = i;
 }
 
+/* Free slots go to the tail so they are reused before live ones. */
+static void
+lru_push_back (struct q2_cache *c, uint32_t i)
+{
+  struct slot *s = &c->slots[i];
+
+  s->next = NIL;
+  s->prev = c->tail;
+  if (c->tail != NIL)
+    c->slots[c->tail].next = i;
+  c->tail = i;
+  if (c->head == NIL)
+    c->head = i;
+}
+
 static uint32_t
 lookup (const struct q2_cache *c, uint64_t key)
 {
@@ -283,6 +298,8 @@ q2_cache_discard (struct q2_cache *c, uint64_t offset, uint64_t length)
       hash_remove (c, i);
       s->valid = false;
       s->dirty = false;
+      lru_unlink (c, i);
+      lru_push_back (c, i);
     }
   }
 }

@@ -239,10 +239,9 @@ put_refcount (uint8_t *blocks, uint32_t order, uint64_t i, uint64_t v)
   }
 }
 
-/* Sets COPIED on active L1 and L2 entries exactly where the refcount
- * is 1. */
-static int
-fix_copied_flags (struct q2_image *img, const uint32_t *refs, uint64_t nb)
+int
+q2_fix_copied_flags (struct q2_image *img, q2_refcount_fn refcount,
+                     void *opaque)
 {
   bool data_file = img->data_fd != img->fd;
   uint64_t i, j, n = 1ULL << img->l2_bits;
@@ -250,16 +249,18 @@ fix_copied_flags (struct q2_image *img, const uint32_t *refs, uint64_t nb)
 
   for (i = 0; i < img->l1_size; i++) {
     uint64_t l2 = img->l1[i] & L1E_OFFSET_MASK;
-    uint64_t want;
+    uint64_t want, rc;
     if (l2 == 0)
       continue;
-    want = refs[l2 >> img->cluster_bits] == 1 ? QCOW_OFLAG_COPIED : 0;
+    if ((r = refcount (opaque, l2 >> img->cluster_bits, &rc)) < 0)
+      return r;
+    want = rc == 1 ? QCOW_OFLAG_COPIED : 0;
     if ((img->l1[i] & QCOW_OFLAG_COPIED) != want) {
       img->l1[i] = (img->l1[i] & ~QCOW_OFLAG_COPIED) | want;
       img->l1_dirty = true;
     }
-    if (!want)
-      continue;                 /* shared tables are not rewritten */
+    /* Entries of shared tables are fixed too: QEMU checks every entry
+     * reachable from the active L1. */
     for (j = 0; j < n; j++) {
       uint64_t g = ((i << img->l2_bits) + j) << img->cluster_bits;
       uint64_t so, e, host;
@@ -272,15 +273,34 @@ fix_copied_flags (struct q2_image *img, const uint32_t *refs, uint64_t nb)
         continue;
       if (data_file)
         want = (host || (e & QCOW_OFLAG_COPIED)) ? QCOW_OFLAG_COPIED : 0;
-      else
-        want = (host >> img->cluster_bits) < nb &&
-          refs[host >> img->cluster_bits] == 1 ? QCOW_OFLAG_COPIED : 0;
+      else {
+        if ((r = refcount (opaque, host >> img->cluster_bits, &rc)) < 0)
+          return r;
+        want = rc == 1 ? QCOW_OFLAG_COPIED : 0;
+      }
       if ((e & QCOW_OFLAG_COPIED) != want) {
+        /* Refetch: the refcount lookup may have used the cache. */
+        if ((r = q2_l2_entry_ref (img, l2, g, &p, &so)) < 0)
+          return r;
         q2_put_be64 (p, (e & ~QCOW_OFLAG_COPIED) | want);
         q2_cache_mark_dirty (img->l2_cache, so);
       }
     }
   }
+  return 0;
+}
+
+struct refs_array {
+  const uint32_t *refs;
+  uint64_t nb;
+};
+
+static int
+refcount_from_array (void *opaque, uint64_t cluster, uint64_t *rc)
+{
+  const struct refs_array *a = opaque;
+
+  *rc = cluster < a->nb ? a->refs[cluster] : 0;
   return 0;
 }
 
@@ -294,6 +314,7 @@ q2_rebuild_refcounts (struct q2_image *img)
   uint64_t *table = NULL;
   uint32_t *refs = NULL;
   uint8_t *blocks = NULL, hdr[12];
+  struct refs_array arr;
   int r;
 
   if ((r = q2_cache_flush (img->l2_cache)) < 0)
@@ -362,7 +383,9 @@ q2_rebuild_refcounts (struct q2_image *img)
   q2_cache_discard (img->rb_cache, 0, UINT64_MAX);
 
   /* COPIED flags follow the new refcounts; then the image is clean. */
-  if ((r = fix_copied_flags (img, refs, nb)) < 0 ||
+  arr.refs = refs;
+  arr.nb = nb;
+  if ((r = q2_fix_copied_flags (img, refcount_from_array, &arr)) < 0 ||
       (r = q2_flush_locked (img)) < 0)
     goto out;
   img->hdr.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;

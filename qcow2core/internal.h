@@ -280,6 +280,12 @@ void q2_snapshots_free (struct q2_image *img);
  * reference. */
 int q2_count_references (struct q2_image *img, bool with_refcount_structures,
                          uint32_t **refs, uint64_t *nb);
+typedef int (*q2_refcount_fn) (void *opaque, uint64_t cluster,
+                               uint64_t *refcount);
+/* Sets COPIED in the active L1 and every L2 entry it reaches exactly
+ * where the refcount (as the callback reports it) is 1. */
+int q2_fix_copied_flags (struct q2_image *img, q2_refcount_fn refcount,
+                         void *opaque);
 /* Writes new refcount structures matching the references and fixes the
  * COPIED flags (repair of a dirty image; check -r all). */
 int q2_rebuild_refcounts (struct q2_image *img);

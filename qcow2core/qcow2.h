@@ -77,7 +77,124 @@ int q2_extents (struct q2_image *img, uint64_t offset, uint64_t count,
 /* Warm metadata caches and advise the kernel to read ahead the data. */
 int q2_cache (struct q2_image *img, uint64_t offset, uint64_t count);
 
+/* ---- internal snapshots ---- */
+struct q2_snapshot_info {
+  const char *id;               /* valid until the table changes */
+  const char *name;
+  uint32_t date_sec, date_nsec;
+  uint64_t vm_clock_nsec;
+  uint64_t vm_state_size;
+  uint64_t disk_size;           /* virtual size when taken */
+  uint64_t icount;              /* UINT64_MAX: not recorded */
+};
+int q2_snapshot_count (const struct q2_image *img);
+int q2_snapshot_get (const struct q2_image *img, int index,
+                     struct q2_snapshot_info *info);
+/* Index of the snapshot whose ID, or else name, is name_or_id, or
+ * -ENOENT. */
+int q2_snapshot_find (const struct q2_image *img, const char *name_or_id);
+/* These need a writable image; each is crash-safe (leaks at worst). */
+int q2_snapshot_create (struct q2_image *img, const char *name);
+int q2_snapshot_delete (struct q2_image *img, const char *name_or_id);
+int q2_snapshot_apply (struct q2_image *img, const char *name_or_id);
+/* Turns a read-only image into a view of the snapshot (for exports). */
+int q2_snapshot_load_tmp (struct q2_image *img, const char *name_or_id);
+
 /* Compiled-in features, for --dump-plugin. */
 bool q2_have_zstd (void);
+
+/* ---- image tool support: create, check, map (create.c, checkimg.c,
+ * mapinfo.c) ---- */
+enum q2_prealloc {
+  Q2_PREALLOC_OFF,
+  Q2_PREALLOC_METADATA,         /* L2 tables and data clusters allocated */
+  Q2_PREALLOC_FALLOC,           /* ... and posix_fallocate'd */
+  Q2_PREALLOC_FULL,             /* ... and written with zeros */
+};
+
+struct q2_create_opts {
+  int version;                  /* 2 (compat=0.10) or 3 (compat=1.1) */
+  uint32_t cluster_size;        /* power of two, 512 .. 2 MiB */
+  uint32_t refcount_bits;       /* power of two, 1 .. 64 */
+  bool extended_l2;
+  uint8_t compression_type;     /* 0 zlib, 1 zstd */
+  bool lazy_refcounts;
+  enum q2_prealloc preallocation;
+  const char *backing_file;     /* stored as given; NULL for none */
+  const char *backing_format;   /* NULL: no backing format extension */
+  bool unsafe;                  /* do not check that the backing opens */
+};
+/* Fills in QEMU's defaults: compat 1.1, 64 KiB clusters, 16-bit
+ * refcounts, zlib, no preallocation. */
+void q2_create_opts_init (struct q2_create_opts *o);
+/* Creates (or truncates) a qcow2 image of size bytes (rounded up to
+ * 512) at path.  Invalid combinations are refused as qemu-img does. */
+int q2_create (const char *path, uint64_t size,
+               const struct q2_create_opts *o);
+
+#define Q2_REPAIR_NONE 0
+#define Q2_REPAIR_LEAKS 1
+#define Q2_REPAIR_ALL 2
+
+/* One line of the check report ("Leaked cluster ...", "ERROR ..."). */
+typedef void (*q2_check_report_fn) (void *opaque, const char *msg);
+
+struct q2_check_result {
+  /* Input: where each finding is reported (may be NULL). */
+  q2_check_report_fn report;
+  void *opaque;
+  /* Output: what remains after any repair. */
+  uint64_t leaks, corruptions;
+  uint64_t check_errors;        /* the check could not complete */
+  uint64_t leaks_fixed, corruptions_fixed;
+  uint64_t image_end_offset;    /* end of the last referenced cluster */
+  uint64_t total_clusters;      /* guest clusters of the virtual size */
+  uint64_t allocated_clusters;  /* guest clusters allocated in this layer */
+  bool rebuilt;                 /* the refcount structures were rebuilt */
+};
+/* Compares the refcounts with the references and checks the COPIED
+ * flags of the active tables; with a repair mode other than NONE, first
+ * fixes what it may (the image may be open read-only: it is reopened
+ * read-write for the repair, even if it is marked corrupt or dirty).
+ * Returns 0 when the check completed, whatever it found. */
+int q2_check (struct q2_image *img, int repair_mode,
+              struct q2_check_result *res);
+
+/* Where a guest range comes from, as 'qemu-img map' reports it. */
+struct q2_map_info {
+  uint64_t length;              /* bytes from offset with this mapping */
+  int depth;                    /* layer of the chain (0 = top) */
+  bool present;                 /* allocated in some layer */
+  bool zero;                    /* reads as zeros */
+  bool data;
+  bool compressed;
+  bool has_offset;
+  uint64_t offset;              /* host offset in filename */
+  const char *filename;         /* the layer's file (valid while open) */
+};
+/* Maps guest offset (< virtual size) for at most len bytes. */
+int q2_map_range (struct q2_image *img, uint64_t offset, uint64_t len,
+                  struct q2_map_info *out);
+
+/* Read-only access to the header for 'info'. */
+struct q2_image_info {
+  uint32_t version;
+  uint32_t cluster_size;
+  uint32_t refcount_bits;
+  uint64_t virtual_size;
+  uint64_t file_size;
+  bool lazy_refcounts, extended_l2, corrupt, dirty;
+  bool bitmaps;                 /* autoclear bitmaps bit */
+  uint8_t compression_type;
+  const char *backing_file;     /* as stored, or NULL */
+  const char *backing_format;   /* or NULL */
+  const char *data_file;        /* or NULL */
+  const char *path;             /* the resolved path of this layer */
+  const char *format;           /* "qcow2" or "raw" */
+  uint64_t data_file_size;
+  struct q2_image *backing;     /* next layer, or NULL */
+};
+void q2_image_get_info (const struct q2_image *img,
+                        struct q2_image_info *info);
 
 #endif /* QCOW2CORE_QCOW2_H */

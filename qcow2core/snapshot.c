@@ -1,8 +1,10 @@
 /* The internal snapshot table: parsed at open with every count, size
  * and offset checked, unknown extra data kept for rewriting. */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "internal.h"
 
@@ -130,4 +132,524 @@ q2_snapshots_load (struct q2_image *img)
   }
   img->snapshot_table_len = pos;
   return 0;
+}
+
+/* ---- public view of the table ---- */
+
+int
+q2_snapshot_count (const struct q2_image *img)
+{
+  return img->nb_snapshots;
+}
+
+int
+q2_snapshot_get (const struct q2_image *img, int index,
+                 struct q2_snapshot_info *info)
+{
+  const struct q2_snapshot *s;
+
+  if (index < 0 || (uint32_t) index >= img->nb_snapshots)
+    return q2_err (ENOENT, "no snapshot number %d", index);
+  s = &img->snapshots[index];
+  info->id = s->id;
+  info->name = s->name;
+  info->date_sec = s->date_sec;
+  info->date_nsec = s->date_nsec;
+  info->vm_clock_nsec = s->vm_clock_nsec;
+  info->vm_state_size = s->vm_state_size;
+  info->disk_size = s->disk_size;
+  info->icount = s->icount;
+  return 0;
+}
+
+int
+q2_snapshot_find (const struct q2_image *img, const char *name_or_id)
+{
+  uint32_t i;
+
+  /* An ID match wins, as in QEMU. */
+  for (i = 0; i < img->nb_snapshots; i++)
+    if (strcmp (img->snapshots[i].id, name_or_id) == 0)
+      return i;
+  for (i = 0; i < img->nb_snapshots; i++)
+    if (strcmp (img->snapshots[i].name, name_or_id) == 0)
+      return i;
+  return q2_err (ENOENT, "no snapshot with ID or name '%s'", name_or_id);
+}
+
+static int
+read_l1 (struct q2_image *img, uint64_t offset, uint32_t size, uint64_t **out)
+{
+  uint64_t *t = malloc ((uint64_t) size * 8 + 8);
+  uint32_t i;
+  int r;
+
+  if (t == NULL)
+    return q2_err (ENOMEM, "out of memory for an L1 table");
+  r = q2_io_pread (img->fd, t, (uint64_t) size * 8, offset, false,
+                   "snapshot L1 table");
+  if (r < 0) {
+    free (t);
+    return r;
+  }
+  for (i = 0; i < size; i++)
+    t[i] = q2_be64 (&t[i]);
+  *out = t;
+  return 0;
+}
+
+int
+q2_snapshot_load_tmp (struct q2_image *img, const char *name_or_id)
+{
+  const struct q2_snapshot *s;
+  uint64_t *l1;
+  int i, r;
+
+  if (!img->readonly)
+    return q2_err (EINVAL, "a snapshot view needs a read-only image");
+  if ((i = q2_snapshot_find (img, name_or_id)) < 0)
+    return i;
+  s = &img->snapshots[i];
+  if ((r = read_l1 (img, s->l1_offset, s->l1_size, &l1)) < 0)
+    return r;
+  free (img->l1);
+  img->l1 = l1;
+  img->l1_size = s->l1_size;
+  /* Only the disk is served; VM state past it is not. */
+  img->virtual_size = Q2_ROUND_DOWN (s->disk_size, 512);
+  if (img->virtual_size >
+      (uint64_t) s->l1_size << (img->cluster_bits + img->l2_bits))
+    img->virtual_size = (uint64_t) s->l1_size <<
+      (img->cluster_bits + img->l2_bits);
+  q2_cache_discard (img->l2_cache, 0, UINT64_MAX);
+  return 0;
+}
+
+/* ---- changing the table ---- */
+
+static uint64_t
+entry_len (const struct q2_snapshot *s)
+{
+  return Q2_ROUND_UP (40 + (uint64_t) s->extra_size + strlen (s->id) +
+                      strlen (s->name), 8);
+}
+
+static void
+serialize_entry (const struct q2_snapshot *s, uint8_t *p)
+{
+  size_t id_len = strlen (s->id), name_len = strlen (s->name);
+
+  memset (p, 0, entry_len (s));
+  q2_put_be64 (p, s->l1_offset);
+  q2_put_be32 (p + 8, s->l1_size);
+  q2_put_be16 (p + 12, id_len);
+  q2_put_be16 (p + 14, name_len);
+  q2_put_be32 (p + 16, s->date_sec);
+  q2_put_be32 (p + 20, s->date_nsec);
+  q2_put_be64 (p + 24, s->vm_clock_nsec);
+  q2_put_be32 (p + 32, s->vm_state_size > UINT32_MAX ? 0 : s->vm_state_size);
+  q2_put_be32 (p + 36, s->extra_size);
+  memcpy (p + 40, s->extra, s->extra_size);
+  memcpy (p + 40 + s->extra_size, s->id, id_len);
+  memcpy (p + 40 + s->extra_size + id_len, s->name, name_len);
+}
+
+/* Writes the table to fresh clusters and switches the header to it with
+ * one synced write; then releases the old table.  The in-memory list
+ * becomes snaps/n. */
+static int
+write_table (struct q2_image *img, struct q2_snapshot *snaps, uint32_t n)
+{
+  uint64_t len = 0, off = 0, old_off = img->hdr.snapshots_offset;
+  uint64_t old_len = img->snapshot_table_len;
+  uint8_t *buf, hdr[12];
+  uint32_t i;
+  bool fresh;
+  int r;
+
+  for (i = 0; i < n; i++)
+    len += entry_len (&snaps[i]);
+  if (len > MAX_TABLE)
+    return q2_err (ENOSPC, "the snapshot table would exceed 64 MiB");
+  if (len) {
+    buf = calloc (1, Q2_ROUND_UP (len, img->cluster_size));
+    if (buf == NULL)
+      return q2_err (ENOMEM, "out of memory for the snapshot table");
+    for (i = 0, off = 0; i < n; i++) {
+      serialize_entry (&snaps[i], buf + off);
+      off += entry_len (&snaps[i]);
+    }
+    r = q2_alloc_clusters (img, Q2_ROUND_UP (len, img->cluster_size) /
+                           img->cluster_size, &off, &fresh);
+    if (r == 0)
+      r = q2_io_pwrite (img->fd, buf, Q2_ROUND_UP (len, img->cluster_size),
+                        off, "snapshot table");
+    free (buf);
+    /* The table and the refcounts that cover it come first. */
+    if (r == 0)
+      r = q2_flush_locked (img);
+    if (r < 0)
+      return r;
+  }
+  q2_put_be32 (hdr, n);
+  q2_put_be64 (hdr + 4, off);
+  if ((r = q2_write_header_field (img, 60, hdr, 12)) < 0)
+    return r;
+  img->hdr.nb_snapshots = n;
+  img->hdr.snapshots_offset = off;
+  img->snapshot_table_len = len;
+  if (old_len && (r = q2_free_later (img, old_off, old_len)) < 0)
+    return r;
+  return 0;
+}
+
+/* Adds delta to the refcount of every L2 table and data cluster a tree
+ * reaches (compressed clusters by byte range). */
+static int
+update_tree_refcounts (struct q2_image *img, const uint64_t *l1,
+                       uint32_t l1_size, int delta)
+{
+  uint64_t cs = img->cluster_size, n = 1ULL << img->l2_bits, j;
+  bool data_file = img->data_fd != img->fd;
+  uint8_t *buf = malloc (cs);
+  uint32_t i;
+  int r = 0;
+
+  if (buf == NULL)
+    return q2_err (ENOMEM, "out of memory");
+  for (i = 0; r == 0 && i < l1_size; i++) {
+    uint64_t l2 = l1[i] & L1E_OFFSET_MASK;
+    if (l2 == 0)
+      continue;
+    if (!Q2_IS_ALIGNED (l2, cs) || l2 >= img->file_size) {
+      r = q2_mark_corrupt (img, "L1 entry %u: invalid L2 table offset %#llx",
+                           i, (unsigned long long) l2);
+      break;
+    }
+    r = q2_io_pread (img->fd, buf, cs, l2, false, "L2 table");
+    for (j = 0; r == 0 && j < n; j++) {
+      uint64_t e = q2_be64 (buf + j * img->l2_entry_size);
+      uint64_t first, last, c;
+      if (e & QCOW_OFLAG_COMPRESSED) {
+        uint64_t off = e & img->coffset_mask;
+        uint64_t nb = ((e >> img->csize_shift) & img->csize_mask) + 1;
+        first = off / cs;
+        last = (off + nb * 512 - (off & 511) - 1) / cs;
+      }
+      else if ((e & L2E_OFFSET_MASK) && !data_file)
+        first = last = (e & L2E_OFFSET_MASK) / cs;
+      else
+        continue;
+      /* Decrements go through the free queue, which also punches
+       * clusters that become free. */
+      if (delta < 0)
+        r = q2_free_later (img, first * cs, (last - first + 1) * cs);
+      for (c = first; delta > 0 && r == 0 && c <= last; c++)
+        r = q2_refcount_update (img, c, delta);
+    }
+    if (r == 0)
+      r = delta < 0 ? q2_free_later (img, l2, cs) :
+        q2_refcount_update (img, l2 / cs, delta);
+  }
+  free (buf);
+  return r;
+}
+
+static int
+refcount_of (void *opaque, uint64_t cluster, uint64_t *rc)
+{
+  return q2_refcount_get (opaque, cluster, rc);
+}
+
+/* Frees what dropped to refcount zero and makes everything durable. */
+static int
+finish (struct q2_image *img)
+{
+  /* The flush applies queued decrements, so COPIED sees final counts. */
+  int r = q2_flush_locked (img);
+
+  if (r == 0)
+    r = q2_fix_copied_flags (img, refcount_of, img);
+  if (r == 0)
+    r = q2_flush_locked (img);
+  return r;
+}
+
+static int
+check_snapshot_allowed (struct q2_image *img)
+{
+  int r = q2_prepare_write (img);
+
+  if (r < 0)
+    return r;
+  if (img->data_fd != img->fd)
+    return q2_err (ENOTSUP, "images with an external data file cannot have "
+                   "internal snapshots");
+  return q2_flush_locked (img);
+}
+
+static int
+next_id (const struct q2_image *img, char *buf, size_t len)
+{
+  unsigned long long max = 0;
+  uint32_t i;
+
+  for (i = 0; i < img->nb_snapshots; i++) {
+    char *end;
+    unsigned long long v = strtoull (img->snapshots[i].id, &end, 10);
+    if (*end == '\0' && v > max)
+      max = v;
+  }
+  return snprintf (buf, len, "%llu", max + 1);
+}
+
+static int
+create_locked (struct q2_image *img, const char *name)
+{
+  uint64_t cs = img->cluster_size, l1_bytes, off;
+  struct q2_snapshot *snaps, *s;
+  struct timespec now;
+  uint8_t *buf;
+  char id[32];
+  bool fresh;
+  uint32_t i;
+  int r;
+
+  if ((r = check_snapshot_allowed (img)) < 0)
+    return r;
+  if (img->nb_snapshots >= QCOW2_MAX_SNAPSHOTS)
+    return q2_err (ENOSPC, "too many snapshots (at most %d)",
+                   QCOW2_MAX_SNAPSHOTS);
+  if (strlen (name) == 0 || strlen (name) > 1023)
+    return q2_err (EINVAL, "snapshot name must have 1 to 1023 bytes");
+  for (i = 0; i < img->nb_snapshots; i++)
+    if (strcmp (img->snapshots[i].name, name) == 0)
+      return q2_err (EEXIST, "a snapshot named '%s' already exists", name);
+
+  /* 1. A copy of the active L1 in new clusters. */
+  l1_bytes = (uint64_t) img->l1_size * 8;
+  off = 0;
+  if (l1_bytes) {
+    buf = calloc (1, Q2_ROUND_UP (l1_bytes, cs));
+    if (buf == NULL)
+      return q2_err (ENOMEM, "out of memory");
+    for (i = 0; i < img->l1_size; i++)
+      q2_put_be64 (buf + i * 8, img->l1[i] & ~QCOW_OFLAG_COPIED);
+    r = q2_alloc_clusters (img, Q2_ROUND_UP (l1_bytes, cs) / cs, &off, &fresh);
+    if (r == 0)
+      r = q2_io_pwrite (img->fd, buf, Q2_ROUND_UP (l1_bytes, cs), off,
+                        "snapshot L1 table");
+    free (buf);
+    if (r < 0)
+      return r;
+  }
+  /* 2. The tree gains a reference; COPIED goes from the active tree. */
+  if ((r = update_tree_refcounts (img, img->l1, img->l1_size, 1)) < 0 ||
+      (r = finish (img)) < 0)
+    return r;
+
+  /* 3. The new table, switched in by one header write. */
+  snaps = calloc (img->nb_snapshots + 1, sizeof *snaps);
+  if (snaps == NULL)
+    return q2_err (ENOMEM, "out of memory");
+  memcpy (snaps, img->snapshots, img->nb_snapshots * sizeof *snaps);
+  s = &snaps[img->nb_snapshots];
+  next_id (img, id, sizeof id);
+  clock_gettime (CLOCK_REALTIME, &now);
+  s->l1_offset = off;
+  s->l1_size = img->l1_size;
+  s->id = strdup (id);
+  s->name = strdup (name);
+  s->date_sec = now.tv_sec;
+  s->date_nsec = now.tv_nsec;
+  s->disk_size = img->hdr.size;
+  s->icount = UINT64_MAX;
+  s->extra_size = 24;
+  s->extra = calloc (1, 24);
+  if (s->id == NULL || s->name == NULL || s->extra == NULL) {
+    free (s->id); free (s->name); free (s->extra); free (snaps);
+    return q2_err (ENOMEM, "out of memory");
+  }
+  q2_put_be64 (s->extra + 8, s->disk_size);
+  q2_put_be64 (s->extra + 16, s->icount);
+  r = write_table (img, snaps, img->nb_snapshots + 1);
+  if (r < 0) {
+    free (s->id); free (s->name); free (s->extra); free (snaps);
+    return r;
+  }
+  free (img->snapshots);
+  img->snapshots = snaps;
+  img->nb_snapshots++;
+  return q2_flush_locked (img);
+}
+
+static int
+delete_locked (struct q2_image *img, const char *name_or_id)
+{
+  struct q2_snapshot gone, *snaps;
+  uint64_t *l1;
+  int i, r;
+
+  if ((r = check_snapshot_allowed (img)) < 0)
+    return r;
+  if ((i = q2_snapshot_find (img, name_or_id)) < 0)
+    return i;
+  gone = img->snapshots[i];
+  if ((r = read_l1 (img, gone.l1_offset, gone.l1_size, &l1)) < 0)
+    return r;
+
+  /* 1. The table without it: from here on a crash only leaks. */
+  snaps = calloc (img->nb_snapshots, sizeof *snaps);
+  if (snaps == NULL) {
+    free (l1);
+    return q2_err (ENOMEM, "out of memory");
+  }
+  memcpy (snaps, img->snapshots, i * sizeof *snaps);
+  memcpy (snaps + i, img->snapshots + i + 1,
+          (img->nb_snapshots - i - 1) * sizeof *snaps);
+  if ((r = write_table (img, snaps, img->nb_snapshots - 1)) < 0) {
+    free (snaps);
+    free (l1);
+    return r;
+  }
+  free (img->snapshots);
+  img->snapshots = snaps;
+  img->nb_snapshots--;
+
+  /* 2. Its tree and L1 lose a reference (nothing on disk points there
+   * any more, so the decrements need not wait). */
+  r = update_tree_refcounts (img, l1, gone.l1_size, -1);
+  free (l1);
+  if (r == 0 && gone.l1_size)
+    r = q2_free_later (img, gone.l1_offset, (uint64_t) gone.l1_size * 8);
+  free (gone.id);
+  free (gone.name);
+  free (gone.extra);
+  if (r < 0)
+    return r;
+  return finish (img);
+}
+
+/* Replaces the active L1 by a bigger one (a snapshot with a bigger L1
+ * is being applied). */
+static int
+grow_l1 (struct q2_image *img, uint32_t new_size)
+{
+  uint64_t cs = img->cluster_size, bytes = (uint64_t) new_size * 8, off;
+  uint64_t old_off = img->hdr.l1_table_offset;
+  uint64_t old_bytes = (uint64_t) img->l1_size * 8;
+  uint64_t *l1 = calloc (new_size, sizeof *l1);
+  uint8_t hdr[4], hdr2[8];
+  bool fresh;
+  int r;
+
+  if (l1 == NULL)
+    return q2_err (ENOMEM, "out of memory");
+  memcpy (l1, img->l1, old_bytes);
+  if ((r = q2_alloc_clusters (img, Q2_ROUND_UP (bytes, cs) / cs, &off,
+                              &fresh)) < 0) {
+    free (l1);
+    return r;
+  }
+  free (img->l1);
+  img->l1 = l1;
+  img->l1_size = new_size;
+  img->hdr.l1_table_offset = off;
+  img->hdr.l1_size = new_size;
+  img->l1_dirty = true;
+  if ((r = q2_flush_locked (img)) < 0)
+    return r;
+  q2_put_be32 (hdr, new_size);
+  q2_put_be64 (hdr2, off);
+  if ((r = q2_write_header_field (img, 36, hdr, 4)) < 0 ||
+      (r = q2_write_header_field (img, 40, hdr2, 8)) < 0)
+    return r;
+  return old_bytes ? q2_free_later (img, old_off, old_bytes) : 0;
+}
+
+static int
+apply_locked (struct q2_image *img, const char *name_or_id)
+{
+  const struct q2_snapshot *s;
+  uint64_t *sl1, *old;
+  uint32_t i;
+  int idx, r;
+
+  if ((r = check_snapshot_allowed (img)) < 0)
+    return r;
+  if ((idx = q2_snapshot_find (img, name_or_id)) < 0)
+    return idx;
+  s = &img->snapshots[idx];
+  if ((r = read_l1 (img, s->l1_offset, s->l1_size, &sl1)) < 0)
+    return r;
+  if (s->l1_size > img->l1_size && (r = grow_l1 (img, s->l1_size)) < 0)
+    goto out;
+
+  /* 1. The snapshot's tree gains the active reference first. */
+  if ((r = update_tree_refcounts (img, sl1, s->l1_size, 1)) < 0 ||
+      (r = q2_flush_locked (img)) < 0)
+    goto out;
+  /* 2. The active L1 becomes the snapshot's, in place and synced. */
+  old = malloc ((uint64_t) img->l1_size * 8 + 8);
+  if (old == NULL) {
+    r = q2_err (ENOMEM, "out of memory");
+    goto out;
+  }
+  memcpy (old, img->l1, (uint64_t) img->l1_size * 8);
+  for (i = 0; i < img->l1_size; i++)
+    img->l1[i] = i < s->l1_size ? sl1[i] & ~QCOW_OFLAG_COPIED : 0;
+  img->l1_dirty = true;
+  q2_cache_discard (img->l2_cache, 0, UINT64_MAX);
+  if ((r = q2_flush_locked (img)) < 0) {
+    free (old);
+    goto out;
+  }
+  if (s->disk_size != img->hdr.size) {
+    uint8_t b[8];
+    q2_put_be64 (b, s->disk_size);
+    if ((r = q2_write_header_field (img, 24, b, 8)) < 0) {
+      free (old);
+      goto out;
+    }
+    img->hdr.size = s->disk_size;
+    img->virtual_size = Q2_ROUND_DOWN (s->disk_size, 512);
+  }
+  /* 3. The old tree loses its reference; 4. COPIED is recomputed. */
+  r = update_tree_refcounts (img, old, img->l1_size, -1);
+  free (old);
+  if (r == 0)
+    r = finish (img);
+ out:
+  free (sl1);
+  return r;
+}
+
+static int
+locked (struct q2_image *img, int (*fn) (struct q2_image *, const char *),
+        const char *arg)
+{
+  int r;
+
+  pthread_rwlock_wrlock (&img->io_lock);
+  r = fn (img, arg);
+  pthread_rwlock_unlock (&img->io_lock);
+  return r;
+}
+
+int
+q2_snapshot_create (struct q2_image *img, const char *name)
+{
+  return locked (img, create_locked, name);
+}
+
+int
+q2_snapshot_delete (struct q2_image *img, const char *name_or_id)
+{
+  return locked (img, delete_locked, name_or_id);
+}
+
+int
+q2_snapshot_apply (struct q2_image *img, const char *name_or_id)
+{
+  return locked (img, apply_locked, name_or_id);
 }
