@@ -12,20 +12,22 @@
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
 
-#include "qcow2.h"
+#include "plugin.h"
 
 /* to enable: -D qcow2.extents=1 */
 NBDKIT_DLL_PUBLIC int qcow2_debug_extents;
 
-static char *filename;                  /* file=, absolute */
-static uint64_t l2_cache_size;          /* l2-cache-size=, 0 = default */
-static struct q2_image *image;          /* shared by every connection */
+char *filename;
+uint64_t l2_cache_size;
+struct q2_image *image;
+static const char *snapshot;            /* snapshot=, serve it read-only */
 
 #define PLUGIN_VERSION "0.1"
 
 static void
 qcow2_unload (void)
 {
+  exports_close_all ();
   if (image && q2_close (image) < 0)
     nbdkit_error ("%s", q2_last_error ());
   image = NULL;
@@ -48,6 +50,8 @@ qcow2_config (const char *key, const char *value)
       return -1;
     l2_cache_size = r;
   }
+  else if (strcmp (key, "snapshot") == 0)
+    snapshot = value;
   else {
     nbdkit_error ("unknown parameter '%s'", key);
     return -1;
@@ -68,7 +72,8 @@ qcow2_config_complete (void)
 #define qcow2_config_help \
   "[file=]<FILENAME>     (required) The qcow2 image to serve.\n" \
   "l2-cache-size=<SIZE>  Bytes of L2 table cache (default: enough for\n" \
-  "                      the whole image, at most 32M)."
+  "                      the whole image, at most 32M).\n" \
+  "snapshot=<NAME|ID>    Serve this internal snapshot, read-only."
 
 static void
 qcow2_dump_plugin (void)
@@ -97,13 +102,31 @@ qcow2_get_ready (void)
   }
   nbdkit_debug ("qcow2: %s: virtual size %" PRIu64 ", cluster size %u",
                 filename, q2_virtual_size (image), q2_cluster_size (image));
+  if (snapshot && q2_snapshot_find (image, snapshot) < 0) {
+    nbdkit_error ("snapshot=%s: %s", snapshot, q2_last_error ());
+    return -1;
+  }
   return 0;
+}
+
+static int
+qcow2_list_exports (int readonly, int is_tls, struct nbdkit_exports *exports)
+{
+  return exports_list (exports);
+}
+
+static const char *
+qcow2_default_export (int readonly, int is_tls)
+{
+  return "";
 }
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
 
-/* Per connection: only whether it may write. */
+/* Per connection: the image or snapshot view it reads, and whether it
+ * may write. */
 struct handle {
+  struct q2_image *img;
   bool readonly;
 };
 
@@ -121,7 +144,19 @@ qcow2_open (int readonly)
     return NULL;
   }
   h->readonly = readonly;
-  if (!readonly) {
+  /* snapshot= applies to the default export; a client may still name
+   * any snapshot. */
+  {
+    const char *name = nbdkit_export_name ();
+    if (name == NULL || name[0] == '\0')
+      name = snapshot ? snapshot : "";
+    h->img = exports_image_for (name, &h->readonly);
+    if (h->img == NULL) {
+      free (h);
+      return NULL;
+    }
+  }
+  if (!h->readonly) {
     int r;
     pthread_mutex_lock (&writable_lock);
     r = q2_make_writable (image);
@@ -158,14 +193,17 @@ core_error (int r)
 static int64_t
 qcow2_get_size (void *handle)
 {
-  return q2_virtual_size (image);
+  struct handle *h = handle;
+
+  return q2_virtual_size (h->img);
 }
 
 static int
 qcow2_block_size (void *handle, uint32_t *minimum, uint32_t *preferred,
                   uint32_t *maximum)
 {
-  uint32_t cs = q2_cluster_size (image);
+  struct handle *h = handle;
+  uint32_t cs = q2_cluster_size (h->img);
 
   *minimum = 1;
   /* nbdkit wants the preferred size in 512..32M. */
@@ -243,7 +281,8 @@ static int
 qcow2_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
              uint32_t flags)
 {
-  int r = q2_pread (image, buf, count, offset);
+  struct handle *h = handle;
+  int r = q2_pread (h->img, buf, count, offset);
 
   return r < 0 ? core_error (r) : 0;
 }
@@ -252,7 +291,9 @@ static int
 qcow2_pwrite (void *handle, const void *buf, uint32_t count, uint64_t offset,
               uint32_t flags)
 {
-  int r = q2_pwrite (image, buf, count, offset, flags & NBDKIT_FLAG_FUA);
+  struct handle *h = handle;
+  int r = q2_pwrite (h->img, buf, count, offset,
+                     flags & NBDKIT_FLAG_FUA);
 
   return r < 0 ? core_error (r) : 0;
 }
@@ -260,7 +301,9 @@ qcow2_pwrite (void *handle, const void *buf, uint32_t count, uint64_t offset,
 static int
 qcow2_zero (void *handle, uint32_t count, uint64_t offset, uint32_t flags)
 {
-  int r = q2_zero (image, count, offset, flags & NBDKIT_FLAG_MAY_TRIM,
+  struct handle *h = handle;
+  int r = q2_zero (h->img, count, offset,
+                   flags & NBDKIT_FLAG_MAY_TRIM,
                    flags & NBDKIT_FLAG_FAST_ZERO, flags & NBDKIT_FLAG_FUA);
 
   if (r == -ENOTSUP) {
@@ -274,7 +317,8 @@ qcow2_zero (void *handle, uint32_t count, uint64_t offset, uint32_t flags)
 static int
 qcow2_trim (void *handle, uint32_t count, uint64_t offset, uint32_t flags)
 {
-  int r = q2_trim (image, count, offset, flags & NBDKIT_FLAG_FUA);
+  struct handle *h = handle;
+  int r = q2_trim (h->img, count, offset, flags & NBDKIT_FLAG_FUA);
 
   return r < 0 ? core_error (r) : 0;
 }
@@ -282,7 +326,8 @@ qcow2_trim (void *handle, uint32_t count, uint64_t offset, uint32_t flags)
 static int
 qcow2_flush (void *handle, uint32_t flags)
 {
-  int r = q2_flush (image);
+  struct handle *h = handle;
+  int r = q2_flush (h->img);
 
   return r < 0 ? core_error (r) : 0;
 }
@@ -295,17 +340,20 @@ add_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
   if (qcow2_debug_extents)
     nbdkit_debug ("extent %" PRIu64 "+%" PRIu64 " flags %u",
                   offset, length, flags);
-  return nbdkit_add_extent (extents, offset, length, flags) == -1 ? -1 : 0;
+  /* A positive value stops the walk and cannot be mistaken for -errno. */
+  return nbdkit_add_extent (extents, offset, length, flags) == -1 ? 1 : 0;
 }
 
 static int
 qcow2_extents (void *handle, uint32_t count, uint64_t offset, uint32_t flags,
                struct nbdkit_extents *extents)
 {
-  int r = q2_extents (image, offset, count, flags & NBDKIT_FLAG_REQ_ONE,
+  struct handle *h = handle;
+  int r = q2_extents (h->img, offset, count,
+                      flags & NBDKIT_FLAG_REQ_ONE,
                       add_extent, extents);
 
-  if (r == -1)
+  if (r > 0)
     return -1;                  /* nbdkit_add_extent already reported it */
   return r < 0 ? core_error (r) : 0;
 }
@@ -313,6 +361,7 @@ qcow2_extents (void *handle, uint32_t count, uint64_t offset, uint32_t flags,
 static int
 qcow2_cache (void *handle, uint32_t count, uint64_t offset, uint32_t flags)
 {
+  struct handle *h = handle;
   int r;
 
   if (flags != 0) {
@@ -320,7 +369,7 @@ qcow2_cache (void *handle, uint32_t count, uint64_t offset, uint32_t flags)
     nbdkit_set_error (EINVAL);
     return -1;
   }
-  r = q2_cache (image, offset, count);
+  r = q2_cache (h->img, offset, count);
   return r < 0 ? core_error (r) : 0;
 }
 
@@ -336,6 +385,8 @@ static struct nbdkit_plugin plugin = {
   .magic_config_key  = "file",
   .dump_plugin       = qcow2_dump_plugin,
   .get_ready         = qcow2_get_ready,
+  .list_exports      = qcow2_list_exports,
+  .default_export    = qcow2_default_export,
   .open              = qcow2_open,
   .close             = qcow2_close,
   .get_size          = qcow2_get_size,

@@ -1,0 +1,18 @@
+/* Shared state of the nbdkit-qcow2 plugin's source files. */
+#ifndef NBDKIT_QCOW2_PLUGIN_H
+#define NBDKIT_QCOW2_PLUGIN_H
+
+#include "qcow2.h"
+
+extern char *filename;                  /* file=, absolute */
+extern uint64_t l2_cache_size;          /* l2-cache-size=, 0 = default */
+extern struct q2_image *image;          /* the active image, shared */
+
+/* exports.c: internal snapshots served as read-only exports. */
+/* The image a client asking for export 'name' gets, or NULL (with an
+ * nbdkit error) when the name is neither "" nor a snapshot. */
+struct q2_image *exports_image_for (const char *name, bool *readonly);
+int exports_list (struct nbdkit_exports *exports);
+void exports_close_all (void);
+
+#endif /* NBDKIT_QCOW2_PLUGIN_H */
