@@ -24,11 +24,13 @@ static int nb_views;
 static struct q2_image *
 open_view (int index)
 {
-  struct q2_open_opts opts = { .readonly = true,
-                               .l2_cache_size = l2_cache_size };
+  struct q2_open_opts opts = open_opts;
   struct q2_snapshot_info info;
   struct q2_image *v;
 
+  /* A second open of our own image: its locks would clash with ours. */
+  opts.readonly = true;
+  opts.locking = false;
   if (q2_snapshot_get (image, index, &info) < 0 ||
       q2_open (filename, &opts, &v) < 0) {
     nbdkit_error ("%s", q2_last_error ());

@@ -7,6 +7,8 @@
 extern char *filename;                  /* file=, absolute */
 extern uint64_t l2_cache_size;          /* l2-cache-size=, 0 = default */
 extern struct q2_image *image;          /* the active image, shared */
+/* How the active image was opened: backing policy, caches, locking. */
+extern struct q2_open_opts open_opts;
 
 /* exports.c: internal snapshots served as read-only exports. */
 /* The image a client asking for export 'name' gets, or NULL (with an

@@ -21,6 +21,10 @@ char *filename;
 uint64_t l2_cache_size;
 struct q2_image *image;
 static const char *snapshot;            /* snapshot=, serve it read-only */
+static char *backing;                   /* backing=PATH, absolute */
+static bool no_backing;                 /* backing=none */
+static bool locking = true;             /* locking= */
+struct q2_open_opts open_opts;
 
 #define PLUGIN_VERSION "0.1"
 
@@ -32,6 +36,7 @@ qcow2_unload (void)
     nbdkit_error ("%s", q2_last_error ());
   image = NULL;
   free (filename);
+  free (backing);
 }
 
 static int
@@ -52,6 +57,19 @@ qcow2_config (const char *key, const char *value)
   }
   else if (strcmp (key, "snapshot") == 0)
     snapshot = value;
+  else if (strcmp (key, "backing") == 0) {
+    free (backing);
+    backing = NULL;
+    no_backing = strcmp (value, "none") == 0;
+    if (!no_backing && (backing = nbdkit_realpath (value)) == NULL)
+      return -1;
+  }
+  else if (strcmp (key, "locking") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    locking = r;
+  }
   else {
     nbdkit_error ("unknown parameter '%s'", key);
     return -1;
@@ -73,7 +91,10 @@ qcow2_config_complete (void)
   "[file=]<FILENAME>     (required) The qcow2 image to serve.\n" \
   "l2-cache-size=<SIZE>  Bytes of L2 table cache (default: enough for\n" \
   "                      the whole image, at most 32M).\n" \
-  "snapshot=<NAME|ID>    Serve this internal snapshot, read-only."
+  "snapshot=<NAME|ID>    Serve this internal snapshot, read-only.\n" \
+  "backing=<PATH>|none   Use this backing file instead of the image's,\n" \
+  "                      or none at all.\n" \
+  "locking=on|off        Take QEMU-compatible image locks (default on)."
 
 static void
 qcow2_dump_plugin (void)
@@ -92,9 +113,14 @@ qcow2_dump_plugin (void)
 static int
 qcow2_get_ready (void)
 {
-  struct q2_open_opts opts = { .readonly = true,
-                               .l2_cache_size = l2_cache_size };
-  int r = q2_open (filename, &opts, &image);
+  int r;
+
+  open_opts.readonly = true;
+  open_opts.l2_cache_size = l2_cache_size;
+  open_opts.locking = locking;
+  open_opts.backing_override = backing;
+  open_opts.no_backing = no_backing;
+  r = q2_open (filename, &open_opts, &image);
 
   if (r < 0) {
     nbdkit_error ("%s", q2_last_error ());

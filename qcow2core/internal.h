@@ -64,6 +64,11 @@ int q2_io_pwrite (int fd, const void *buf, size_t count, uint64_t offset,
                   const char *what);
 int q2_io_file_size (int fd, uint64_t *size);
 
+/* ---- lock.c ---- */
+/* Takes QEMU-compatible locks for a reader or a writer and fails with
+ * -EBUSY if another process holds conflicting ones. */
+int q2_lock_image (int fd, const char *path, bool write);
+
 /* ---- on-disk constants ---- */
 #define QCOW2_MAGIC 0x514649fbU
 #define QCOW2_MIN_CLUSTER_BITS 9
@@ -242,6 +247,7 @@ struct q2_image {
 
   struct q2_image *backing;     /* NULL if none */
   int depth;                    /* 0 = top of chain */
+  bool locking;                 /* take QEMU-compatible locks */
 
   /* Write state.  Public entry points hold io_lock: shared for reads and
    * in-place writes, exclusive for anything that changes metadata, so
@@ -263,8 +269,8 @@ struct q2_range {
 };
 
 /* ---- open.c ---- */
-int q2_open_layer (const char *path, const char *format, bool readonly,
-                   uint64_t l2_cache_size, int depth,
+int q2_open_layer (const char *path, const char *format,
+                   const struct q2_open_opts *opts, int depth,
                    const char *const *chain, struct q2_image **out);
 void q2_free_layer (struct q2_image *img);
 

@@ -69,6 +69,14 @@ open_file (const char *path, bool readonly, const char *what, int *fd,
   return 0;
 }
 
+static mode_t
+file_mode (int fd)
+{
+  struct stat st;
+
+  return fstat (fd, &st) == 0 ? st.st_mode : 0;
+}
+
 static int
 read_table (struct q2_image *img, uint64_t offset, uint64_t entries,
             const char *what, uint64_t **out)
@@ -225,33 +233,62 @@ has_qcow2_magic (struct q2_image *img)
     q2_be32 (m) == QCOW2_MAGIC;
 }
 
+/* A backing name from an image must name a plain file: no protocol
+ * prefixes ("nbd:", "http://"), no "json:" descriptions. */
 static int
-open_backing (struct q2_image *img, uint64_t l2_cache_size,
+check_backing_name (const char *name)
+{
+  const char *colon = strchr (name, ':');
+  const char *slash = strchr (name, '/');
+
+  if (colon && (slash == NULL || colon < slash))
+    return q2_err (EPERM, "backing file name '%s' is a protocol or json: "
+                   "name; only plain files are allowed (backing= can "
+                   "override it)", name);
+  return 0;
+}
+
+static int
+open_backing (struct q2_image *img, const struct q2_open_opts *opts,
               const char *const *chain)
 {
   const struct q2_header *h = &img->hdr;
+  const char *format = h->backing_format;
+  const char *name = h->backing_file;
   char *path;
   int r;
 
+  if (img->depth == 0 && opts->no_backing)
+    return 0;
+  if (img->depth == 0 && opts->backing_override) {
+    name = opts->backing_override;
+    format = NULL;              /* probe the replacement */
+  }
+  else if (name == NULL)
+    return 0;
+  else if ((r = check_backing_name (name)) < 0)
+    return r;
   if (img->depth >= Q2_MAX_CHAIN_DEPTH)
     return q2_err (ELOOP, "backing chain is deeper than %d files",
                    Q2_MAX_CHAIN_DEPTH);
-  path = resolve_name (img->dir, h->backing_file);
+  path = resolve_name (img->dir, name);
   if (path == NULL)
     return q2_err (ENOMEM, "out of memory");
-  r = q2_open_layer (path, h->backing_format, true, l2_cache_size,
-                     img->depth + 1, chain, &img->backing);
+  r = q2_open_layer (path, format, opts, img->depth + 1, chain,
+                     &img->backing);
   free (path);
   if (r < 0)
-    return q2_err_prefix (r, "backing file '%s'", h->backing_file);
+    return q2_err_prefix (r, "backing file '%s'", name);
   return 0;
 }
 
 int
-q2_open_layer (const char *path, const char *format, bool readonly,
-               uint64_t l2_cache_size, int depth, const char *const *chain,
-               struct q2_image **out)
+q2_open_layer (const char *path, const char *format,
+               const struct q2_open_opts *opts, int depth,
+               const char *const *chain, struct q2_image **out)
 {
+  /* Backing files are only ever read. */
+  bool readonly = depth > 0 || opts->readonly;
   struct q2_image *img;
   const char *sub_chain[Q2_MAX_CHAIN_DEPTH + 2];
   char *real, *tmp;
@@ -266,6 +303,7 @@ q2_open_layer (const char *path, const char *format, bool readonly,
   img->fd = img->data_fd = -1;
   img->readonly = readonly;
   img->depth = depth;
+  img->locking = opts->locking;
   pthread_mutex_init (&img->lock, NULL);
   pthread_rwlock_init (&img->io_lock, NULL);
 
@@ -292,8 +330,16 @@ q2_open_layer (const char *path, const char *format, bool readonly,
     goto fail;
   }
 
-  r = open_file (real, readonly, "image", &img->fd, &img->file_size);
+  r = open_file (real, readonly, depth ? "backing file" : "image", &img->fd,
+                 &img->file_size);
   if (r < 0)
+    goto fail;
+  if (depth > 0 && !S_ISREG (file_mode (img->fd))) {
+    r = q2_err (EPERM, "%s is not a regular file; backing files must be",
+                real);
+    goto fail;
+  }
+  if (img->locking && (r = q2_lock_image (img->fd, real, !readonly)) < 0)
     goto fail;
   img->data_fd = img->fd;
   img->data_file_size = img->file_size;
@@ -315,19 +361,17 @@ q2_open_layer (const char *path, const char *format, bool readonly,
   img->fmt = Q2_FMT_QCOW2;
   r = read_header_cluster (img, &buf, &len);
   if (r == 0)
-    r = setup_qcow2 (img, buf, len, l2_cache_size);
+    r = setup_qcow2 (img, buf, len, opts->l2_cache_size);
   free (buf);
   if (r < 0)
     goto fail_named;
 
-  if (img->hdr.backing_file) {
-    for (i = 0; i < depth; i++)
-      sub_chain[i] = chain[i];
-    sub_chain[depth] = img->path;
-    r = open_backing (img, l2_cache_size, sub_chain);
-    if (r < 0)
-      goto fail_named;
-  }
+  for (i = 0; i < depth; i++)
+    sub_chain[i] = chain[i];
+  sub_chain[depth] = img->path;
+  r = open_backing (img, opts, sub_chain);
+  if (r < 0)
+    goto fail_named;
   *out = img;
   return 0;
 
@@ -368,8 +412,7 @@ q2_open (const char *path, const struct q2_open_opts *opts,
          struct q2_image **out)
 {
   /* The top of the chain must be qcow2; only backing files may be raw. */
-  return q2_open_layer (path, "qcow2", opts->readonly, opts->l2_cache_size, 0,
-                        NULL, out);
+  return q2_open_layer (path, "qcow2", opts, 0, NULL, out);
 }
 
 /* Reopens a file read-write in place: dup2 keeps the descriptor number
@@ -408,6 +451,11 @@ make_writable_locked (struct q2_image *img)
                    "repaired (qemu-img check -r all)", img->path);
   if ((r = reopen_rw (img->fd, img->path, "image")) < 0)
     return r;
+  /* The new file description has no locks yet. */
+  if (img->locking && (r = q2_lock_image (img->fd, img->path, true)) < 0) {
+    q2_lock_image (img->fd, img->path, false);
+    return r;
+  }
   if (img->data_fd != img->fd &&
       (r = reopen_rw (img->data_fd, img->data_path, "external data file")) < 0)
     return r;

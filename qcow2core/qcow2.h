@@ -20,6 +20,12 @@ struct q2_open_opts {
   bool readonly;
   /* Bytes of L2 cache; 0 = enough for the whole image, at most 32 MiB. */
   uint64_t l2_cache_size;
+  /* Take QEMU-compatible image locks (refuse images QEMU is writing). */
+  bool locking;
+  /* Backing file policy: ignore the header's name and use this file
+   * (probed: qcow2 or raw), or use no backing file at all. */
+  const char *backing_override;
+  bool no_backing;
 };
 
 /* Open a qcow2 image and its whole backing chain (qcow2 or raw). */
@@ -128,7 +134,8 @@ struct q2_create_opts {
  * refcounts, zlib, no preallocation. */
 void q2_create_opts_init (struct q2_create_opts *o);
 /* Creates (or truncates) a qcow2 image of size bytes (rounded up to
- * 512) at path.  Invalid combinations are refused as qemu-img does. */
+ * 512) at path; size UINT64_MAX takes the backing file's size.  Invalid
+ * combinations are refused as qemu-img does. */
 int q2_create (const char *path, uint64_t size,
                const struct q2_create_opts *o);
 
@@ -150,6 +157,7 @@ struct q2_check_result {
   uint64_t image_end_offset;    /* end of the last referenced cluster */
   uint64_t total_clusters;      /* guest clusters of the virtual size */
   uint64_t allocated_clusters;  /* guest clusters allocated in this layer */
+  uint64_t fragmented_clusters, compressed_clusters;
   bool rebuilt;                 /* the refcount structures were rebuilt */
 };
 /* Compares the refcounts with the references and checks the COPIED
