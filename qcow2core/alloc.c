@@ -41,6 +41,12 @@ q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
       return q2_err (ENOSPC, "no free host cluster below the 64 PiB limit");
     if ((r = q2_refcount_get (img, c, &rc)) < 0)
       return r;
+    /* Past the end of the file nothing can be in use; a refcount there
+     * is corruption, and trusting it could make this scan endless. */
+    if (rc != 0 && (c << img->cluster_bits) >= img->file_size)
+      return q2_mark_corrupt (img, "cluster %llu past the end of the file "
+                              "has refcount %llu", (unsigned long long) c,
+                              (unsigned long long) rc);
     if (rc != 0) {
       run = 0;
       continue;

@@ -63,6 +63,14 @@ int q2_io_pread (int fd, void *buf, size_t count, uint64_t offset,
 int q2_io_pwrite (int fd, const void *buf, size_t count, uint64_t offset,
                   const char *what);
 int q2_io_file_size (int fd, uint64_t *size);
+struct iovec;
+int q2_io_pwritev (int fd, const struct iovec *iov, int n, uint64_t offset,
+                   const char *what);
+int q2_io_sync (int fd, const char *what);
+/* Tests only: make the write_n-th write or the sync_n-th sync from now
+ * fail with EIO (0 = never), and count them. */
+void q2_fault_arm (uint64_t write_n, uint64_t sync_n);
+void q2_fault_counts (uint64_t *writes, uint64_t *syncs);
 
 /* ---- lock.c ---- */
 /* Takes QEMU-compatible locks for a reader or a writer and fails with

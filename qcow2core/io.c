@@ -2,7 +2,9 @@
  * being read or written in the error message. */
 #include <errno.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -40,11 +42,92 @@ q2_io_pread (int fd, void *buf, size_t count, uint64_t offset,
   return 0;
 }
 
+/* Fault injection for tests: fail the N-th write or sync from now on
+ * (0 = never).  Inert unless a test arms it. */
+static uint64_t fail_write_at, fail_sync_at;
+static uint64_t nr_writes, nr_syncs;
+static pthread_mutex_t fault_lock = PTHREAD_MUTEX_INITIALIZER;
+
+void
+q2_fault_arm (uint64_t write_n, uint64_t sync_n)
+{
+  pthread_mutex_lock (&fault_lock);
+  fail_write_at = write_n;
+  fail_sync_at = sync_n;
+  nr_writes = nr_syncs = 0;
+  pthread_mutex_unlock (&fault_lock);
+}
+
+void
+q2_fault_counts (uint64_t *writes, uint64_t *syncs)
+{
+  pthread_mutex_lock (&fault_lock);
+  *writes = nr_writes;
+  *syncs = nr_syncs;
+  pthread_mutex_unlock (&fault_lock);
+}
+
+static bool
+fault (bool sync)
+{
+  bool hit;
+
+  pthread_mutex_lock (&fault_lock);
+  if (sync)
+    hit = ++nr_syncs == fail_sync_at;
+  else
+    hit = ++nr_writes == fail_write_at;
+  pthread_mutex_unlock (&fault_lock);
+  return hit;
+}
+
+int
+q2_io_sync (int fd, const char *what)
+{
+  if (fault (true))
+    return q2_err (EIO, "%s: injected sync failure", what);
+  if (fdatasync (fd) == -1) {
+    int e = errno;
+    return q2_err (e, "%s: fdatasync: %s", what, strerror (e));
+  }
+  return 0;
+}
+
+int
+q2_io_pwritev (int fd, const struct iovec *iov, int n, uint64_t offset,
+               const char *what)
+{
+  size_t total = 0;
+  ssize_t w;
+  int i, r;
+
+  for (i = 0; i < n; i++)
+    total += iov[i].iov_len;
+  if (fault (false))
+    return q2_err (EIO, "%s: injected write failure at offset %#llx", what,
+                   (unsigned long long) offset);
+  w = pwritev (fd, iov, n, offset);
+  if (w == (ssize_t) total)
+    return 0;
+  /* Short or interrupted: finish piece by piece. */
+  for (i = 0; i < n; i++) {
+    if ((r = q2_io_pwrite (fd, iov[i].iov_base, iov[i].iov_len, offset,
+                           what)) < 0)
+      return r;
+    offset += iov[i].iov_len;
+  }
+  return 0;
+}
+
 int
 q2_io_pwrite (int fd, const void *buf, size_t count, uint64_t offset,
               const char *what)
 {
   const uint8_t *p = buf;
+
+  if (fault (false))
+    return q2_err (EIO, "%s: injected write failure at offset %#llx", what,
+                   (unsigned long long) offset);
 
   while (count > 0) {
     ssize_t r = pwrite (fd, p, count, offset);

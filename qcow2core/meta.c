@@ -12,16 +12,11 @@
 int
 q2_sync (struct q2_image *img)
 {
-  if (fdatasync (img->fd) == -1) {
-    int e = errno;
-    return q2_err (e, "fdatasync: %s", strerror (e));
-  }
-  if (img->data_fd != img->fd && fdatasync (img->data_fd) == -1) {
-    int e = errno;
-    return q2_err (e, "fdatasync of the external data file: %s",
-                   strerror (e));
-  }
-  return 0;
+  int r = q2_io_sync (img->fd, "image");
+
+  if (r == 0 && img->data_fd != img->fd)
+    r = q2_io_sync (img->data_fd, "external data file");
+  return r;
 }
 
 /* Header fields are patched in place, which keeps unknown fields and

@@ -230,7 +230,6 @@ write_cluster (struct q2_image *img, const uint8_t *data, uint64_t gc,
   struct iovec iov[3];
   int n = 0, r;
   struct q2_l2_decoded d;
-  ssize_t w;
 
   r = q2_get_l2_entry (img, gc, true, &entry, &bitmap, &l2);
   if (r < 0)
@@ -308,19 +307,9 @@ write_cluster (struct q2_image *img, const uint8_t *data, uint64_t gc,
     iov[n++] = (struct iovec) { (void *) data, b - a };
     if (tail_buf)
       iov[n++] = (struct iovec) { tail, rb - b };
-    w = pwritev (img->data_fd, iov, n, host + wstart);
-    if (w != (ssize_t) (wend - wstart)) {
-      /* Short or failed: finish it the slow, checked way. */
-      uint64_t off = host + wstart;
-      int i;
-      for (i = 0; i < n; i++) {
-        r = q2_io_pwrite (img->data_fd, iov[i].iov_base, iov[i].iov_len, off,
-                          "guest data");
-        if (r < 0)
-          return r;
-        off += iov[i].iov_len;
-      }
-    }
+    r = q2_io_pwritev (img->data_fd, iov, n, host + wstart, "guest data");
+    if (r < 0)
+      return r;
     if (host + wend > img->file_size && !has_data_file (img))
       img->file_size = host + wend;
   }
