@@ -123,10 +123,9 @@ walk_snapshots (struct walk *w, uint8_t *buf)
   return r;
 }
 
-static int
-walk_bitmaps (struct walk *w)
+int
+q2_bitmap_clusters (struct q2_image *img, q2_range_fn fn, void *opaque)
 {
-  struct q2_image *img = w->img;
   const struct q2_header *h = &img->hdr;
   uint64_t pos = 0, size = h->bitmap_dir_size;
   uint8_t *dir;
@@ -135,7 +134,7 @@ walk_bitmaps (struct walk *w)
 
   if (!h->has_bitmaps_ext || !(h->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
     return 0;
-  if ((r = inc (w, h->bitmap_dir_offset, size, "bitmap directory")) < 0)
+  if ((r = fn (opaque, h->bitmap_dir_offset, size, "bitmap directory")) < 0)
     return r;
   dir = malloc (size ? size : 1);
   if (dir == NULL)
@@ -152,7 +151,12 @@ walk_bitmaps (struct walk *w)
     toff = q2_be64 (dir + pos);
     tsize = q2_be32 (dir + pos + 8);
     len = 24 + (uint64_t) q2_be32 (dir + pos + 20) + q2_be16 (dir + pos + 18);
-    if ((r = inc (w, toff, tsize * 8, "bitmap table")) < 0)
+    if (toff >= img->file_size || tsize * 8 > img->file_size - toff) {
+      r = q2_err (EIO, "bitmap %u: table at %#llx is past the end of the "
+                  "file", i, (unsigned long long) toff);
+      break;
+    }
+    if ((r = fn (opaque, toff, tsize * 8, "bitmap table")) < 0)
       break;
     table = malloc (tsize * 8 + 8);
     if (table == NULL) {
@@ -163,13 +167,19 @@ walk_bitmaps (struct walk *w)
     for (j = 0; r == 0 && j < tsize; j++) {
       uint64_t off = q2_be64 (table + j * 8) & BITMAP_ENTRY_OFFSET_MASK;
       if (off)
-        r = inc (w, off, img->cluster_size, "bitmap data");
+        r = fn (opaque, off, img->cluster_size, "bitmap data");
     }
     free (table);
     pos += Q2_ROUND_UP (len, 8);
   }
   free (dir);
   return r;
+}
+
+static int
+inc_range (void *opaque, uint64_t off, uint64_t len, const char *what)
+{
+  return inc (opaque, off, len, what);
 }
 
 int
@@ -201,7 +211,7 @@ q2_count_references (struct q2_image *img, bool with_refcount_structures,
     r = inc (&w, img->hdr.crypto_offset, img->hdr.crypto_length,
              "encryption header");
   if (r == 0)
-    r = walk_bitmaps (&w);
+    r = q2_bitmap_clusters (img, inc_range, &w);
   if (r == 0 && with_refcount_structures) {
     r = inc (&w, img->hdr.refcount_table_offset,
              (uint64_t) img->hdr.refcount_table_clusters * img->cluster_size,

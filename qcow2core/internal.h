@@ -76,6 +76,7 @@ void q2_fault_counts (uint64_t *writes, uint64_t *syncs);
 /* Takes QEMU-compatible locks for a reader or a writer and fails with
  * -EBUSY if another process holds conflicting ones. */
 int q2_lock_image (int fd, const char *path, bool write);
+void q2_unlock_image (int fd);
 
 /* ---- on-disk constants ---- */
 #define QCOW2_MAGIC 0x514649fbU
@@ -296,6 +297,11 @@ int q2_count_references (struct q2_image *img, bool with_refcount_structures,
                          uint32_t **refs, uint64_t *nb);
 typedef int (*q2_refcount_fn) (void *opaque, uint64_t cluster,
                                uint64_t *refcount);
+typedef int (*q2_range_fn) (void *opaque, uint64_t offset, uint64_t length,
+                            const char *what);
+/* Calls fn for the directory, tables and data of valid persistent
+ * bitmaps. */
+int q2_bitmap_clusters (struct q2_image *img, q2_range_fn fn, void *opaque);
 /* Sets COPIED in the active L1 and every L2 entry it reaches exactly
  * where the refcount (as the callback reports it) is 1. */
 int q2_fix_copied_flags (struct q2_image *img, q2_refcount_fn refcount,

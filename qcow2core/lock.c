@@ -44,6 +44,19 @@ locked_by_other (int fd, off_t off)
   return fl.l_type != F_UNLCK;
 }
 
+void
+q2_unlock_image (int fd)
+{
+  int i;
+
+  /* Another process (a forked child) may still share this file
+   * description, so its locks would outlive our close. */
+  for (i = 0; i < P_MAX; i++) {
+    set_lock (fd, F_UNLCK, PERM_BASE + i);
+    set_lock (fd, F_UNLCK, SHARED_BASE + i);
+  }
+}
+
 int
 q2_lock_image (int fd, const char *path, bool write)
 {

@@ -92,6 +92,51 @@ q2_check_overlap (struct q2_image *img, uint64_t off, uint64_t len,
   return 0;
 }
 
+static int
+free_range (void *opaque, uint64_t off, uint64_t len, const char *what)
+{
+  return q2_free_later (opaque, off, len);
+}
+
+/* Rewrites the header extension area without the bitmaps extension. */
+static int
+drop_bitmaps_extension (struct q2_image *img)
+{
+  uint64_t start = img->hdr.header_length;
+  uint64_t end = img->hdr.backing_file_offset ? img->hdr.backing_file_offset :
+    img->cluster_size;
+  uint8_t *old, *buf;
+  uint64_t pos = start, out = 0;
+  int r;
+
+  old = malloc (end - start + 8);
+  buf = calloc (1, end - start + 8);
+  if (old == NULL || buf == NULL) {
+    free (old);
+    free (buf);
+    return q2_err (ENOMEM, "out of memory");
+  }
+  r = q2_io_pread (img->fd, old, end - start, start, false, "header");
+  while (r == 0 && end - pos >= 8) {
+    uint32_t type = q2_be32 (old + pos - start);
+    uint64_t len = 8 + Q2_ROUND_UP ((uint64_t) q2_be32 (old + pos - start + 4),
+                                    8);
+    if (type == QCOW2_EXT_END || len > end - pos)
+      break;
+    if (type != QCOW2_EXT_BITMAPS) {
+      memcpy (buf + out, old + pos - start, len);
+      out += len;
+    }
+    pos += len;
+  }
+  /* The end marker is the zero bytes after the kept entries. */
+  if (r == 0)
+    r = q2_write_header_field (img, start, buf, end - start);
+  free (old);
+  free (buf);
+  return r;
+}
+
 int
 q2_prepare_write (struct q2_image *img)
 {
@@ -107,12 +152,23 @@ q2_prepare_write (struct q2_image *img)
   /* We do not keep persistent bitmaps up to date: clearing the
    * autoclear bits tells QEMU so. */
   if (img->hdr.version >= 3 && (img->hdr.autoclear_features & ~keep)) {
+    bool bitmaps = img->hdr.has_bitmaps_ext &&
+      (img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS);
     uint8_t b[8];
     int r;
+    /* The bitmaps' clusters are released too, or they would show up as
+     * leaks once QEMU stops trusting the bitmaps. */
+    if (bitmaps && (r = q2_bitmap_clusters (img, free_range, img)) < 0)
+      return r;
     img->hdr.autoclear_features &= keep;
     q2_put_be64 (b, img->hdr.autoclear_features);
     if ((r = q2_write_header_field (img, 88, b, 8)) < 0)
       return r;
+    if (bitmaps) {
+      if ((r = drop_bitmaps_extension (img)) < 0)
+        return r;
+      img->hdr.has_bitmaps_ext = false;
+    }
   }
   img->header_touched = true;
   return 0;

@@ -449,6 +449,8 @@ make_writable_locked (struct q2_image *img)
     return q2_err (EROFS, "%s: the image is marked corrupt (incompatible "
                    "bit 1); it can only be served read-only until it is "
                    "repaired (qemu-img check -r all)", img->path);
+  if (img->locking)
+    q2_unlock_image (img->fd);
   if ((r = reopen_rw (img->fd, img->path, "image")) < 0)
     return r;
   /* The new file description has no locks yet. */

@@ -1,0 +1,385 @@
+/* Checking an image as 'qemu-img check' does: the refcount of every
+ * cluster of the file against the references found by walking the
+ * image, and the COPIED flags of the active L1 and L2 tables.  Repair
+ * either drops leaked refcounts (-r leaks) or rebuilds the refcount
+ * structures, which also fixes the COPIED flags (-r all). */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+/* What one pass over the image found. */
+struct pass {
+  struct q2_image *img;
+  const struct q2_check_result *out;   /* for the report callback */
+  bool quiet;                   /* report only repairs */
+  bool fix_leaks;
+  bool refs_ok;                 /* the reference walk completed */
+  uint64_t leaks, corruptions, leaks_fixed;
+  uint64_t image_end_offset;
+  uint64_t allocated, fragmented, compressed;
+};
+
+static void
+report (const struct pass *p, bool always, const char *fmt, ...)
+  __attribute__ ((format (printf, 3, 4)));
+
+static void
+report (const struct pass *p, bool always, const char *fmt, ...)
+{
+  char msg[1024];
+  va_list ap;
+
+  if ((p->quiet && !always) || p->out->report == NULL)
+    return;
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  p->out->report (p->out->opaque, msg);
+}
+
+/* Compares every refcount with the references; leaks are dropped to
+ * the reference count when fix_leaks. */
+static int
+compare_refcounts (struct pass *p, const uint32_t *refs, uint64_t nb)
+{
+  struct q2_image *img = p->img;
+  uint64_t per_block = 1ULL << (img->cluster_bits + 3 -
+                                img->hdr.refcount_order);
+  uint64_t c, highest = 0;
+  bool any = false;
+  int r;
+
+  for (c = 0; c < nb; c++) {
+    uint64_t rc;
+    if (refs[c]) {
+      highest = c;
+      any = true;
+    }
+    r = q2_refcount_get (img, c, &rc);
+    if (r < 0) {
+      /* A broken refcount table entry: the whole block is unusable. */
+      p->corruptions++;
+      report (p, false, "ERROR refcount block %llu: %s",
+              (unsigned long long) (c / per_block), q2_last_error ());
+      c = Q2_ROUND_DOWN (c, per_block) + per_block - 1;
+      continue;
+    }
+    if (rc > refs[c]) {
+      p->leaks++;
+      report (p, false, "Leaked cluster %llu refcount=%llu reference=%u",
+              (unsigned long long) c, (unsigned long long) rc, refs[c]);
+      if (p->fix_leaks) {
+        r = q2_refcount_update (img, c, -(int64_t) (rc - refs[c]));
+        if (r < 0)
+          return q2_err_prefix (r, "repairing cluster %llu",
+                                (unsigned long long) c);
+        report (p, true, "Repairing cluster %llu refcount=%llu "
+                "reference=%u", (unsigned long long) c,
+                (unsigned long long) rc, refs[c]);
+        p->leaks_fixed++;
+      }
+    }
+    else if (rc < refs[c]) {
+      p->corruptions++;
+      report (p, false, "ERROR cluster %llu refcount=%llu reference=%u",
+              (unsigned long long) c, (unsigned long long) rc, refs[c]);
+    }
+  }
+  p->image_end_offset = any ? (highest + 1) << img->cluster_bits : 0;
+  if (p->fix_leaks && p->leaks_fixed &&
+      (r = q2_flush_locked (img)) < 0)
+    return q2_err_prefix (r, "writing the repaired refcounts");
+  return 0;
+}
+
+static void
+refcount_of (struct pass *p, uint64_t host, uint64_t *rc)
+{
+  if (q2_refcount_get (p->img, host >> p->img->cluster_bits, rc) < 0)
+    *rc = 0;                    /* already reported as a broken block */
+}
+
+/* Checks one active L2 table: valid entries, and COPIED exactly where
+ * a cluster's refcount is 1. */
+static int
+check_l2 (struct pass *p, uint64_t l1_index, uint64_t l2_off, uint8_t *buf,
+          uint64_t *next_contiguous)
+{
+  struct q2_image *img = p->img;
+  bool data_file = img->data_fd != img->fd;
+  uint64_t i, n = 1ULL << img->l2_bits;
+  int r;
+
+  r = q2_io_pread (img->fd, buf, img->cluster_size, l2_off, false,
+                   "L2 table");
+  if (r < 0) {
+    p->corruptions++;
+    report (p, false, "ERROR reading L2 table at %#llx (L1 index %llu): %s",
+            (unsigned long long) l2_off, (unsigned long long) l1_index,
+            q2_last_error ());
+    return 0;
+  }
+  for (i = 0; i < n; i++) {
+    const uint8_t *e = buf + i * img->l2_entry_size;
+    uint64_t entry = q2_be64 (e);
+    uint64_t bitmap = img->extended_l2 ? q2_be64 (e + 8) : 0;
+    uint64_t guest = ((l1_index << img->l2_bits) + i) << img->cluster_bits;
+    struct q2_l2_decoded d;
+    uint64_t host, rc;
+
+    if (entry == 0 && bitmap == 0)
+      continue;
+    if (q2_decode_l2 (img, entry, bitmap, 0, &d) < 0) {
+      p->corruptions++;
+      report (p, false, "ERROR L2 table at %#llx, index %llu (guest offset "
+              "%#llx): %s", (unsigned long long) l2_off,
+              (unsigned long long) i, (unsigned long long) guest,
+              q2_last_error ());
+      continue;
+    }
+    if (entry & QCOW_OFLAG_COMPRESSED) {
+      p->allocated++;
+      p->compressed++;
+      continue;
+    }
+    host = entry & L2E_OFFSET_MASK;
+    if (host == 0 && !(data_file && (entry & QCOW_OFLAG_COPIED)))
+      continue;
+    p->allocated++;
+    if (*next_contiguous && host != *next_contiguous)
+      p->fragmented++;
+    *next_contiguous = host + img->cluster_size;
+    if (data_file)
+      continue;                 /* data clusters are not refcounted */
+    if (host >= img->file_size) {
+      p->corruptions++;
+      report (p, false, "ERROR L2 table at %#llx, index %llu: data cluster "
+              "offset %#llx is past the end of the file",
+              (unsigned long long) l2_off, (unsigned long long) i,
+              (unsigned long long) host);
+      continue;
+    }
+    refcount_of (p, host, &rc);
+    if ((rc == 1) != !!(entry & QCOW_OFLAG_COPIED)) {
+      p->corruptions++;
+      report (p, false, "ERROR OFLAG_COPIED data cluster: l2_entry=%llx "
+              "refcount=%llu", (unsigned long long) entry,
+              (unsigned long long) rc);
+    }
+  }
+  return 0;
+}
+
+static int
+check_active_tables (struct pass *p)
+{
+  struct q2_image *img = p->img;
+  uint64_t i, next_contiguous = 0;
+  uint8_t *buf = malloc (img->cluster_size);
+  int r = 0;
+
+  if (buf == NULL)
+    return q2_err (ENOMEM, "out of memory");
+  for (i = 0; i < img->l1_size; i++) {
+    uint64_t l1e = img->l1[i], l2_off, rc;
+    if ((l1e & L1E_OFFSET_MASK) == 0)
+      continue;
+    if (q2_l1_entry_l2 (img, i, &l2_off) < 0) {
+      p->corruptions++;
+      report (p, false, "ERROR %s", q2_last_error ());
+      continue;
+    }
+    refcount_of (p, l2_off, &rc);
+    if ((rc == 1) != !!(l1e & QCOW_OFLAG_COPIED)) {
+      p->corruptions++;
+      report (p, false, "ERROR OFLAG_COPIED L2 cluster: l1_index=%llu "
+              "l1_entry=%llx refcount=%llu", (unsigned long long) i,
+              (unsigned long long) l1e, (unsigned long long) rc);
+    }
+    if ((r = check_l2 (p, i, l2_off, buf, &next_contiguous)) < 0)
+      break;
+  }
+  free (buf);
+  return r;
+}
+
+static int
+run_pass (struct q2_image *img, const struct q2_check_result *out,
+          bool quiet, bool fix_leaks, struct pass *p)
+{
+  uint32_t *refs = NULL;
+  uint64_t nb = 0;
+  int r;
+
+  memset (p, 0, sizeof *p);
+  p->img = img;
+  p->out = out;
+  p->quiet = quiet;
+  p->fix_leaks = fix_leaks;
+  r = q2_count_references (img, true, &refs, &nb);
+  if (r < 0) {
+    /* Nothing can be compared against an incomplete walk. */
+    p->corruptions++;
+    report (p, false, "ERROR %s", q2_last_error ());
+    p->image_end_offset = Q2_ROUND_UP (img->file_size, img->cluster_size);
+  }
+  else {
+    p->refs_ok = true;
+    r = compare_refcounts (p, refs, nb);
+    free (refs);
+    if (r < 0)
+      return r;
+  }
+  return check_active_tables (p);
+}
+
+/* Reopens the files read-write for a repair.  Unlike q2_make_writable
+ * this accepts images marked corrupt or dirty: fixing them is the
+ * point. */
+static int
+reopen_fd_rw (int fd, const char *path, const char *what)
+{
+  int nfd = open (path, O_RDWR | O_CLOEXEC);
+
+  if (nfd == -1) {
+    int e = errno;
+    return q2_err (e, "%s: cannot open %s read-write: %s", what, path,
+                   strerror (e));
+  }
+  if (dup2 (nfd, fd) == -1) {
+    int e = errno;
+    close (nfd);
+    return q2_err (e, "%s: dup2: %s", what, strerror (e));
+  }
+  close (nfd);
+  return 0;
+}
+
+static int
+open_for_repair (struct q2_image *img)
+{
+  uint64_t i;
+  int r;
+
+  if (!img->readonly)
+    return 0;
+  if ((r = reopen_fd_rw (img->fd, img->path, "image")) < 0)
+    return r;
+  /* The new file description has no locks yet. */
+  if (img->locking && (r = q2_lock_image (img->fd, img->path, true)) < 0)
+    return r;
+  if (img->data_fd != img->fd &&
+      (r = reopen_fd_rw (img->data_fd, img->data_path,
+                         "external data file")) < 0)
+    return r;
+  img->reftable_used = 0;
+  for (i = 0; i < img->reftable_entries; i++)
+    if (img->reftable[i])
+      img->reftable_used = i + 1;
+  img->free_hint = 0;
+  img->corrupt = false;
+  q2_cache_set_writeback (img->l2_cache, q2_l2_writeback, img);
+  q2_cache_set_writeback (img->rb_cache, q2_rb_writeback, img);
+  img->readonly = false;
+  return 0;
+}
+
+/* After a repair that left no corruption, the image is clean again. */
+static int
+mark_consistent (struct q2_image *img)
+{
+  uint64_t clear = QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT;
+  uint8_t b[8];
+
+  if (img->hdr.version < 3 || !(img->hdr.incompatible_features & clear))
+    return 0;
+  img->hdr.incompatible_features &= ~clear;
+  q2_put_be64 (b, img->hdr.incompatible_features);
+  return q2_write_header_field (img, 72, b, 8);
+}
+
+static void
+set_result (struct q2_check_result *res, const struct pass *p)
+{
+  uint64_t cs = p->img->cluster_size;
+
+  res->leaks = p->leaks;
+  res->corruptions = p->corruptions;
+  res->image_end_offset = p->image_end_offset;
+  res->total_clusters = (p->img->virtual_size + cs - 1) / cs;
+  res->allocated_clusters = p->allocated;
+  res->fragmented_clusters = p->fragmented;
+  res->compressed_clusters = p->compressed;
+}
+
+static int
+check_locked (struct q2_image *img, int mode, struct q2_check_result *res)
+{
+  bool dirty = img->hdr.incompatible_features &
+    (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT);
+  struct pass first, fix, last;
+  int r;
+
+  if ((r = run_pass (img, res, false, false, &first)) < 0)
+    return r;
+  set_result (res, &first);
+  if (mode == Q2_REPAIR_NONE ||
+      (first.leaks == 0 && first.corruptions == 0 && !dirty))
+    return 0;
+
+  if ((r = open_for_repair (img)) < 0)
+    return r;
+  if (mode == Q2_REPAIR_ALL && first.corruptions && first.refs_ok) {
+    if (res->report)
+      res->report (res->opaque, "Rebuilding refcount structure");
+    if ((r = q2_rebuild_refcounts (img)) < 0)
+      return q2_err_prefix (r, "rebuilding the refcount structures");
+    res->rebuilt = true;
+    res->leaks_fixed = first.leaks;
+    res->corruptions_fixed = first.corruptions;
+  }
+  else if (first.leaks) {
+    if ((r = run_pass (img, res, true, true, &fix)) < 0)
+      return r;
+    res->leaks_fixed = fix.leaks_fixed;
+  }
+
+  /* Double check what the repair left. */
+  if ((r = run_pass (img, res, false, false, &last)) < 0)
+    return r;
+  set_result (res, &last);
+  if (last.corruptions == 0 && (r = mark_consistent (img)) < 0)
+    return r;
+  return q2_flush_locked (img);
+}
+
+int
+q2_check (struct q2_image *img, int repair_mode,
+          struct q2_check_result *res)
+{
+  int r;
+
+  res->leaks = res->corruptions = res->check_errors = 0;
+  res->leaks_fixed = res->corruptions_fixed = 0;
+  res->image_end_offset = res->total_clusters = 0;
+  res->allocated_clusters = res->fragmented_clusters = 0;
+  res->compressed_clusters = 0;
+  res->rebuilt = false;
+  if (img->fmt != Q2_FMT_QCOW2)
+    return q2_err (ENOTSUP, "%s: only qcow2 images can be checked",
+                   img->path);
+  if (repair_mode < Q2_REPAIR_NONE || repair_mode > Q2_REPAIR_ALL)
+    return q2_err (EINVAL, "unknown repair mode %d", repair_mode);
+  pthread_rwlock_wrlock (&img->io_lock);
+  r = check_locked (img, repair_mode, res);
+  pthread_rwlock_unlock (&img->io_lock);
+  if (r < 0)
+    res->check_errors++;
+  return r;
+}
