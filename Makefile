@@ -4,6 +4,7 @@ CC       ?= gcc
 PKG_CONFIG ?= pkg-config
 PLUGINDIR ?= $(shell $(PKG_CONFIG) --variable=plugindir nbdkit 2>/dev/null)
 MANDIR   ?= /usr/share/man
+BINDIR   ?= /usr/local/bin
 DESTDIR  ?=
 
 WARN     := -Wall -Wextra -Wno-unused-parameter -Wshadow -Wvla -Werror
@@ -30,11 +31,14 @@ UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/unit/%,$(UNIT_SRCS))
 
 .PHONY: all deps check check-unit check-bats check-sanitize install uninstall serve clean man
 
-all: $(PLUGIN_SO) plugin/nbdkit-qcow2-plugin.so $(CORE_LIB) $(UNIT_BINS)
+all: $(PLUGIN_SO) $(CORE_LIB) $(UNIT_BINS)
+ifneq ($(SANITIZE),1)
+all: plugin/nbdkit-qcow2-plugin.so
+endif tools/qcow2-tool
 
 # The documented path of the plugin is plugin/nbdkit-qcow2-plugin.so.
-plugin/nbdkit-qcow2-plugin.so: $(PLUGIN_SO)
-	ln -sf ../$(PLUGIN_SO) $@
+plugin/nbdkit-qcow2-plugin.so: build/nbdkit-qcow2-plugin.so
+	ln -sf ../build/nbdkit-qcow2-plugin.so $@
 
 $(BUILD)/core/%.o: qcow2core/%.c $(wildcard qcow2core/*.h)
 	@mkdir -p $(dir $@)
@@ -59,7 +63,27 @@ $(BUILD)/unit/%: tests/unit/%.c $(CORE_LIB) $(wildcard tests/unit/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) -Iqcow2core $(CFLAGS) $(LDFLAGS) -o $@ $< $(CORE_LIB) $(LIBS)
 
-man: plugin/nbdkit-qcow2-plugin.1
+# The image tool; tools/qcow2-tool points at the build like the plugin.
+TOOL_OBJS := $(patsubst tools/%.c,$(BUILD)/tools/%.o,$(wildcard tools/*.c))
+TOOL_BIN  := $(BUILD)/qcow2-tool
+
+$(BUILD)/tools/%.o: tools/%.c tools/tool.h qcow2core/qcow2.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -c $< -o $@
+
+# The whole archive, so that the core's definitions replace the tool's
+# weak fallbacks (tools/snapshot-fallback.c).
+$(TOOL_BIN): $(TOOL_OBJS) $(CORE_LIB)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $(TOOL_OBJS) \
+	  -Wl,--whole-archive $(CORE_LIB) -Wl,--no-whole-archive $(LIBS)
+
+tools/qcow2-tool: $(TOOL_BIN)
+	ln -sf ../$(TOOL_BIN) $@
+
+man: plugin/nbdkit-qcow2-plugin.1 tools/qcow2-tool.1
+tools/qcow2-tool.1: tools/qcow2-tool.pod
+	podchecker $<
+	pod2man --section=1 --center=nbdkit-qcow2 --release=nbdkit-qcow2 $< > $@
 plugin/nbdkit-qcow2-plugin.1: plugin/nbdkit-qcow2-plugin.pod
 	podchecker $<
 	pod2man --section=1 --center=nbdkit --release=nbdkit-qcow2 $< > $@
@@ -67,7 +91,7 @@ plugin/nbdkit-qcow2-plugin.1: plugin/nbdkit-qcow2-plugin.pod
 # Everything build and test need on Debian 12; apt-get is idempotent.
 DEPS := nbdkit nbdkit-plugin-dev libnbd-bin python3-libnbd qemu-utils \
         zlib1g-dev libzstd-dev nettle-dev bats fio pkg-config gcc make \
-        perl
+        perl clang libclang-rt-14-dev
 deps:
 	@if dpkg -s $(DEPS) >/dev/null 2>&1; then \
 	  echo "deps: all installed"; \
@@ -91,14 +115,54 @@ check-sanitize:
 	$(MAKE) SANITIZE=1 all
 	$(MAKE) SANITIZE=1 check-unit check-bats
 
-install: $(PLUGIN_SO) man
+install: $(PLUGIN_SO) $(TOOL_BIN) man
 	install -d $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(MANDIR)/man1
 	install -m 0755 $(PLUGIN_SO) $(DESTDIR)$(PLUGINDIR)/nbdkit-qcow2-plugin.so
 	install -m 0644 plugin/nbdkit-qcow2-plugin.1 $(DESTDIR)$(MANDIR)/man1/
+	install -d $(DESTDIR)$(BINDIR)
+	install -m 0755 $(TOOL_BIN) $(DESTDIR)$(BINDIR)/qcow2-tool
+	install -m 0644 tools/qcow2-tool.1 $(DESTDIR)$(MANDIR)/man1/
 
 uninstall:
 	rm -f $(DESTDIR)$(PLUGINDIR)/nbdkit-qcow2-plugin.so \
-	      $(DESTDIR)$(MANDIR)/man1/nbdkit-qcow2-plugin.1
+	      $(DESTDIR)$(MANDIR)/man1/nbdkit-qcow2-plugin.1 \
+	      $(DESTDIR)$(BINDIR)/qcow2-tool $(DESTDIR)$(MANDIR)/man1/qcow2-tool.1
+
+# ---- fuzzing (tests/fuzz): libFuzzer targets built with clang, ASan
+# and UBSan, the core compiled into each from source in build-fuzz/.
+# `make fuzz [FUZZ_TIME=300]` runs every target for FUZZ_TIME seconds on
+# fresh seeds plus tests/fuzz/regress/; crashes land in build-fuzz/out/.
+# `make check` runs tests/fuzz.bats: the regression inputs and 30 s per
+# target (FUZZ_CHECK_TIME).
+FUZZ_CC      ?= clang
+FUZZ_TIME    ?= 300
+FUZZ_CFLAGS  := -std=gnu11 -g -O1 -fno-omit-frame-pointer $(WARN) \
+                -D_GNU_SOURCE -pthread -Iqcow2core \
+                -fsanitize=address,undefined -fno-sanitize-recover=undefined
+FUZZ_TARGETS := $(patsubst tests/fuzz/%.c,build-fuzz/%,\
+                  $(wildcard tests/fuzz/fuzz-*.c))
+FUZZ_CORE_OBJS := $(patsubst qcow2core/%.c,build-fuzz/core/%.o,$(CORE_SRCS))
+
+.PHONY: fuzz fuzz-build
+.SECONDARY: $(FUZZ_CORE_OBJS)
+build-fuzz/core/%.o: qcow2core/%.c $(wildcard qcow2core/*.h)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+build-fuzz/fuzz-%: tests/fuzz/fuzz-%.c tests/fuzz/fuzz-common.h \
+                   $(FUZZ_CORE_OBJS)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $< \
+	  $(FUZZ_CORE_OBJS) $(LIBS)
+
+build-fuzz/seeds/.stamp: tests/fuzz/make-seeds.sh
+	tests/fuzz/make-seeds.sh build-fuzz/seeds
+	touch $@
+
+fuzz-build: $(FUZZ_TARGETS) build-fuzz/seeds/.stamp
+
+fuzz: fuzz-build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  tests/fuzz/run-fuzz.sh $$t $(FUZZ_TIME) build-fuzz; done
 
 # make serve [FILE=disk.qcow2] [PORT=10809 | SOCKET=/path]
 serve: deps
@@ -107,4 +171,5 @@ serve: deps
 	  PLUGIN="$(CURDIR)/$(PLUGIN_SO)" sh tests/serve.sh
 
 clean:
-	rm -rf build build-san plugin/nbdkit-qcow2-plugin.so plugin/nbdkit-qcow2-plugin.1
+	rm -rf build build-san build-fuzz plugin/nbdkit-qcow2-plugin.so plugin/nbdkit-qcow2-plugin.1
+	rm -f tools/qcow2-tool tools/qcow2-tool.1

@@ -92,7 +92,8 @@ zero_cluster (struct q2_image *img, uint64_t gc, bool may_trim, bool discard)
     keep_host = s.allocated;
   }
   else
-    keep_host = s.owned && !may_trim && !discard;
+    /* v2 has no zero flag: the cluster can only be deallocated. */
+    keep_host = v3 && s.owned && !may_trim && !discard;
 
   /* A discard over something that already reads as zeros with nothing
    * below keeps its entry. */
