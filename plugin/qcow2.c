@@ -24,6 +24,7 @@ static const char *snapshot;            /* snapshot=, serve it read-only */
 static char *backing;                   /* backing=PATH, absolute */
 static bool no_backing;                 /* backing=none */
 static bool locking = true;             /* locking= */
+static char *password;                  /* password=, wiped at unload */
 struct q2_open_opts open_opts;
 
 #define PLUGIN_VERSION "0.1"
@@ -37,6 +38,10 @@ qcow2_unload (void)
   image = NULL;
   free (filename);
   free (backing);
+  if (password) {
+    explicit_bzero (password, strlen (password));
+    free (password);
+  }
 }
 
 static int
@@ -62,6 +67,16 @@ qcow2_config (const char *key, const char *value)
     backing = NULL;
     no_backing = strcmp (value, "none") == 0;
     if (!no_backing && (backing = nbdkit_realpath (value)) == NULL)
+      return -1;
+  }
+  else if (strcmp (key, "password") == 0) {
+    if (password) {
+      explicit_bzero (password, strlen (password));
+      free (password);
+      password = NULL;
+    }
+    /* SECRET, "-" (prompt), "+FILE" or "-FD", as nbdkit does it. */
+    if (nbdkit_read_password (value, &password) == -1)
       return -1;
   }
   else if (strcmp (key, "locking") == 0) {
@@ -94,7 +109,9 @@ qcow2_config_complete (void)
   "snapshot=<NAME|ID>    Serve this internal snapshot, read-only.\n" \
   "backing=<PATH>|none   Use this backing file instead of the image's,\n" \
   "                      or none at all.\n" \
-  "locking=on|off        Take QEMU-compatible image locks (default on)."
+  "locking=on|off        Take QEMU-compatible image locks (default on).\n" \
+  "password=<PASSWORD>   Password of an encrypted image (AES or LUKS):\n" \
+  "                      the secret, - to prompt, +FILE or -FD."
 
 static void
 qcow2_dump_plugin (void)
@@ -106,6 +123,8 @@ qcow2_dump_plugin (void)
   printf ("qcow2_backing_files=yes\n");
   printf ("qcow2_external_data_file=yes\n");
   printf ("qcow2_write=yes\n");
+  printf ("qcow2_encryption=aes,luks\n");
+  printf ("qcow2_snapshots=yes\n");
 }
 
 /* Open and check the image before forking, where errors are visible to
@@ -120,14 +139,17 @@ qcow2_get_ready (void)
   open_opts.locking = locking;
   open_opts.backing_override = backing;
   open_opts.no_backing = no_backing;
+  open_opts.password = password;
   r = q2_open (filename, &open_opts, &image);
 
   if (r < 0) {
     nbdkit_error ("%s", q2_last_error ());
     return -1;
   }
-  nbdkit_debug ("qcow2: %s: virtual size %" PRIu64 ", cluster size %u",
-                filename, q2_virtual_size (image), q2_cluster_size (image));
+  nbdkit_debug ("qcow2: %s: virtual size %" PRIu64 ", cluster size %u%s%s",
+                filename, q2_virtual_size (image), q2_cluster_size (image),
+                q2_encryption (image) ? ", encryption " : "",
+                q2_encryption (image) ? q2_encryption (image) : "");
   if (snapshot && q2_snapshot_find (image, snapshot) < 0) {
     nbdkit_error ("snapshot=%s: %s", snapshot, q2_last_error ());
     return -1;

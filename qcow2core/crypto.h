@@ -58,17 +58,27 @@ const char *q2_crypto_describe (const struct q2_crypto *c);
 /* 1 for legacy AES, 2 for LUKS: the qcow2 crypt_method value. */
 int q2_crypto_method (const struct q2_crypto *c);
 
+/* A LUKS-style context straight from a master key, for callers that
+ * already hold one (and for tests): cipher_mode is a LUKS mode string
+ * such as "xts-plain64" or "cbc-essiv:sha256"; key_len is the LUKS
+ * key_bytes (16/24/32, doubled for xts). */
+int q2_crypto_open_key (const char *cipher_mode, const uint8_t *key,
+                        size_t key_len, struct q2_crypto **out);
+
 /* Builds a new LUKS1 area the way QEMU lays it out: the phdr in a
  * 4096-byte header, 8 key slots of stripes * key_bytes bytes each,
  * rounded up to 4096 bytes, slot i at sector 8 + i * slot_sectors, only
  * slot 0 active; payload_offset (in sectors) = the area length.
  *
  *   cipher_alg   "aes-128", "aes-192", "aes-256"            (NULL: aes-256)
+ *                (aes-192 only with xts: with cbc its 96000 bytes of key
+ *                material are not whole sectors, and QEMU 7.2 aborts on
+ *                such a header, so that is -ENOTSUP)
  *   cipher_mode  "xts", "cbc"                                (NULL: xts)
  *   ivgen        "plain64", "plain", "essiv" / "essiv:sha256"
  *                (NULL: plain64; or NULL with a full LUKS mode string
  *                such as "cbc-essiv:sha256" in cipher_mode)
- *   hash         "sha1", "sha224", "sha256", "sha384", "sha512"
+ *   hash         "sha1", "sha256", "sha384", "sha512"
  *                (NULL: sha256), for PBKDF2 and the AF diffusion
  *   iterations   PBKDF2 iterations of key slot 0 (> 0); the master key
  *                digest uses max (1000, iterations / 8)

@@ -271,6 +271,11 @@ struct q2_image {
    * references are on disk (at flush), so a crash can only leak. */
   struct q2_range *pending_free;
   size_t nb_pending_free, cap_pending_free;
+  uint8_t *zero_buf;            /* one cluster of zeros, never written */
+
+  /* Encryption (crypt_method 1 or 2); NULL when not encrypted. */
+  struct q2_crypto *crypto;
+  bool crypt_guest_sectors;     /* AES: IVs from guest, not host, offsets */
 };
 
 struct q2_range {
@@ -365,8 +370,17 @@ int q2_decompress (uint8_t compression_type, const uint8_t *src,
                    size_t src_len, uint8_t *out, size_t out_len);
 
 /* ---- scratch.c: per-thread buffers, freed at thread exit ---- */
-#define Q2_SCRATCH_SLOTS 3
-enum { Q2_SCRATCH_COMPRESSED, Q2_SCRATCH_CLUSTER, Q2_SCRATCH_COW };
+/* Each slot has one user, so nested calls never share a buffer: the
+ * read path's slots are used while the write path's are live. */
+enum {
+  Q2_SCRATCH_COMPRESSED,        /* read: compressed input */
+  Q2_SCRATCH_CLUSTER,           /* read: decompressed cluster */
+  Q2_SCRATCH_CRYPT,             /* read: sector-aligned bounce buffer */
+  Q2_SCRATCH_WRITE,             /* write: assembled host data */
+  Q2_SCRATCH_COW_TAIL,          /* write: copy-on-write tail */
+  Q2_SCRATCH_L2COPY,            /* write: copy of a shared L2 table */
+  Q2_SCRATCH_SLOTS
+};
 /* A buffer of at least len bytes for this thread; NULL if out of memory.
  * Each slot is independent and valid until the next call for it. */
 uint8_t *q2_scratch (unsigned slot, size_t len);
@@ -414,6 +428,8 @@ int q2_zero_host (struct q2_image *img, int fd, uint64_t offset,
                   uint64_t len);
 int q2_write_locked (struct q2_image *img, const uint8_t *buf,
                      uint64_t count, uint64_t offset);
+/* A cluster of zeros (allocated on first use; never written to). */
+const uint8_t *q2_zero_buffer (struct q2_image *img);
 
 /* ---- meta.c: header updates, corruption, overlap checks, flush ---- */
 int q2_sync (struct q2_image *img);

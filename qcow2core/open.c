@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "crypto.h"
 #include "internal.h"
 
 #define DEFAULT_L2_CACHE_MAX (32ULL << 20)
@@ -119,15 +120,45 @@ l2_cache_slots (const struct q2_image *img, uint64_t l2_cache_size,
   return Q2_MAX (bytes, 2);
 }
 
+#define MAX_LUKS_AREA (64u << 20)
+
+/* Unlocks an encrypted image; data is never served without the key. */
+static int
+setup_encryption (struct q2_image *img, const char *password)
+{
+  const struct q2_header *h = &img->hdr;
+  uint8_t *area;
+  int r;
+
+  if (h->crypt_method == 0)
+    return 0;
+  if (password == NULL)
+    return q2_err (EPERM, "the image is encrypted (%s): a password is "
+                   "needed (password=)", h->crypt_method == 1 ? "legacy AES" :
+                   "LUKS");
+  if (h->crypt_method == 1) {
+    img->crypt_guest_sectors = true;
+    return q2_crypto_open_aes (password, &img->crypto);
+  }
+  if (h->crypto_length == 0 || h->crypto_length > MAX_LUKS_AREA)
+    return q2_err (EINVAL, "full disk encryption header length %llu is "
+                   "invalid", (unsigned long long) h->crypto_length);
+  area = malloc (h->crypto_length);
+  if (area == NULL)
+    return q2_err (ENOMEM, "out of memory for the LUKS header");
+  r = q2_io_pread (img->fd, area, h->crypto_length, h->crypto_offset, false,
+                   "LUKS header");
+  if (r == 0)
+    r = q2_crypto_open_luks (area, h->crypto_length, password, &img->crypto);
+  explicit_bzero (area, h->crypto_length);
+  free (area);
+  return r;
+}
+
 static int
 check_features (struct q2_image *img)
 {
   const struct q2_header *h = &img->hdr;
-
-  if (h->crypt_method != 0)
-    return q2_err (ENOTSUP, "the image is encrypted (crypt_method %u, %s); "
-                   "encrypted images are not supported yet",
-                   h->crypt_method, h->crypt_method == 1 ? "AES" : "LUKS");
   if (!img->readonly && (h->incompatible_features & QCOW2_INCOMPAT_CORRUPT))
     return q2_err (EROFS, "the image is marked corrupt (incompatible bit 1); "
                    "it can only be opened read-only until it is repaired");
@@ -139,7 +170,7 @@ check_features (struct q2_image *img)
 
 static int
 setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
-             uint64_t l2_cache_size)
+             uint64_t l2_cache_size, const char *password)
 {
   struct q2_header *h = &img->hdr;
   uint32_t slice;
@@ -149,6 +180,8 @@ setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
   if (r < 0)
     return r;
   if ((r = check_features (img)) < 0)
+    return r;
+  if ((r = setup_encryption (img, password)) < 0)
     return r;
 
   img->cluster_bits = h->cluster_bits;
@@ -361,7 +394,7 @@ q2_open_layer (const char *path, const char *format,
   img->fmt = Q2_FMT_QCOW2;
   r = read_header_cluster (img, &buf, &len);
   if (r == 0)
-    r = setup_qcow2 (img, buf, len, opts->l2_cache_size);
+    r = setup_qcow2 (img, buf, len, opts->l2_cache_size, opts->password);
   free (buf);
   if (r < 0)
     goto fail_named;
@@ -402,6 +435,8 @@ q2_free_layer (struct q2_image *img)
   free (img->path);
   free (img->dir);
   free (img->pending_free);
+  free (img->zero_buf);
+  q2_crypto_free (img->crypto);
   pthread_mutex_destroy (&img->lock);
   pthread_rwlock_destroy (&img->io_lock);
   free (img);
@@ -524,6 +559,12 @@ bool
 q2_is_readonly (const struct q2_image *img)
 {
   return img->readonly;
+}
+
+const char *
+q2_encryption (const struct q2_image *img)
+{
+  return img->crypto ? q2_crypto_describe (img->crypto) : NULL;
 }
 
 const char *

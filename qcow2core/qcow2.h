@@ -26,6 +26,8 @@ struct q2_open_opts {
    * (probed: qcow2 or raw), or use no backing file at all. */
   const char *backing_override;
   bool no_backing;
+  /* Password of encrypted images (legacy AES or LUKS), or NULL. */
+  const char *password;
 };
 
 /* Open a qcow2 image and its whole backing chain (qcow2 or raw). */
@@ -105,6 +107,9 @@ int q2_snapshot_delete (struct q2_image *img, const char *name_or_id);
 int q2_snapshot_apply (struct q2_image *img, const char *name_or_id);
 /* Turns a read-only image into a view of the snapshot (for exports). */
 int q2_snapshot_load_tmp (struct q2_image *img, const char *name_or_id);
+
+/* "luks aes-256 xts-plain64 sha256" or similar; NULL if not encrypted. */
+const char *q2_encryption (const struct q2_image *img);
 
 /* Compiled-in features, for --dump-plugin. */
 bool q2_have_zstd (void);

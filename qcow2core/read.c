@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "crypto.h"
 #include "internal.h"
 
 /* Unallocated ranges read from the backing file, and as zeros past its
@@ -36,6 +37,9 @@ read_compressed (struct q2_image *img, const struct q2_map *m, uint8_t *buf,
   uint8_t *cbuf, *cluster;
   int r;
 
+  if (img->crypto)
+    return q2_err (EIO, "compressed cluster for guest offset %#llx in an "
+                   "encrypted image", (unsigned long long) (offset - in_cluster));
   if (m->host_offset >= img->file_size)
     return q2_err (EIO, "compressed cluster for guest offset %#llx starts at "
                    "host offset %#llx, past the end of the file",
@@ -61,10 +65,36 @@ read_compressed (struct q2_image *img, const struct q2_map *m, uint8_t *buf,
   return 0;
 }
 
+/* Reads and decrypts whole sectors around [host, host+count). */
+static int
+read_encrypted (struct q2_image *img, uint64_t host, uint8_t *buf,
+                uint64_t count, uint64_t offset)
+{
+  uint64_t skew = host & 511;
+  uint64_t len = Q2_ROUND_UP (skew + count, 512);
+  uint64_t sector = (img->crypt_guest_sectors ? offset - skew :
+                     host - skew) / 512;
+  uint8_t *b = buf;
+  int r;
+
+  if (skew || len != count) {
+    if ((b = q2_scratch (Q2_SCRATCH_CRYPT, len)) == NULL)
+      return q2_err (ENOMEM, "out of memory for decryption");
+  }
+  r = q2_io_pread (img->data_fd, b, len, host - skew, true, "data cluster");
+  if (r == 0)
+    r = q2_crypto_decrypt (img->crypto, sector, b, len);
+  if (r == 0 && b != buf)
+    memcpy (buf, b + skew, count);
+  return r;
+}
+
 static int
 read_normal (struct q2_image *img, const struct q2_map *m, uint8_t *buf,
-             uint64_t count)
+             uint64_t count, uint64_t offset)
 {
+  if (img->crypto)
+    return read_encrypted (img, m->host_offset, buf, count, offset);
   /* The last cluster may be shorter in the file than a full cluster;
    * QEMU reads the missing part as zeros, and so do we. */
   return q2_io_pread (img->data_fd, buf, count, m->host_offset, true,
@@ -87,7 +117,7 @@ q2_layer_pread (struct q2_image *img, uint8_t *buf, uint64_t count,
     switch (m.type) {
     case Q2_UNALLOC: r = read_below (img, buf, m.length, offset); break;
     case Q2_ZERO: memset (buf, 0, m.length); break;
-    case Q2_NORMAL: r = read_normal (img, &m, buf, m.length); break;
+    case Q2_NORMAL: r = read_normal (img, &m, buf, m.length, offset); break;
     case Q2_COMPRESSED:
       r = read_compressed (img, &m, buf, m.length, offset);
       break;
@@ -219,6 +249,8 @@ layer_status (struct q2_image *img, uint64_t offset, uint64_t len,
     return 0;
   case Q2_NORMAL:
     *flags = 0;
+    if (img->crypto)
+      return 0;                 /* QEMU does not look at the host file */
     if ((r = prealloc_state (img)) < 0)
       return r;
     if (r) {

@@ -203,12 +203,11 @@ q2_refcount_update (struct q2_image *img, uint64_t cluster_index,
 static int
 write_zero_cluster (struct q2_image *img, uint64_t offset)
 {
-  uint8_t *z = q2_scratch (Q2_SCRATCH_COW, img->cluster_size);
+  const uint8_t *z = q2_zero_buffer (img);
   int r;
 
   if (z == NULL)
     return q2_err (ENOMEM, "out of memory");
-  memset (z, 0, img->cluster_size);
   r = q2_io_pwrite (img->fd, z, img->cluster_size, offset, "new metadata");
   if (r == 0 && offset + img->cluster_size > img->file_size)
     img->file_size = offset + img->cluster_size;

@@ -8,6 +8,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "crypto.h"
 #include "internal.h"
 
 #define L2_BITMAP_ALL_ZERO 0xffffffff00000000ULL
@@ -45,7 +46,7 @@ q2_l2_table_for_write (struct q2_image *img, uint64_t guest_offset,
   if (r < 0)
     return r;
   {
-    uint8_t *buf = q2_scratch (Q2_SCRATCH_COW, img->cluster_size);
+    uint8_t *buf = q2_scratch (Q2_SCRATCH_L2COPY, img->cluster_size);
     if (buf == NULL)
       return q2_err (ENOMEM, "out of memory");
     if (old) {
@@ -133,6 +134,14 @@ q2_set_l2_entry (struct q2_image *img, uint64_t l2_offset,
   return 0;
 }
 
+const uint8_t *
+q2_zero_buffer (struct q2_image *img)
+{
+  if (img->zero_buf == NULL)
+    img->zero_buf = calloc (1, img->cluster_size);
+  return img->zero_buf;
+}
+
 /* Queues the release of the host data an L2 entry referenced. */
 int
 q2_release_entry (struct q2_image *img, uint64_t entry)
@@ -216,6 +225,32 @@ prepare_cow (struct q2_image *img, uint64_t guest_off, uint64_t len,
   return q2_layer_pread (img, buf, len, guest_off);
 }
 
+/* Encrypted images: the plaintext of [ra, rb) is assembled in buf (the
+ * edges from the current guest view; zeros must be encrypted too, so no
+ * zero-range shortcut), encrypted for its new place and written. */
+static int
+write_encrypted (struct q2_image *img, const uint8_t *data, uint64_t gc,
+                 uint64_t host, uint64_t ra, uint64_t a, uint64_t b,
+                 uint64_t rb, uint8_t *buf)
+{
+  uint64_t sector;
+  int r;
+
+  if (a > ra && (r = q2_layer_pread (img, buf + ra, a - ra, gc + ra)) < 0)
+    return r;
+  memcpy (buf + a, data, b - a);
+  if (rb > b && (r = q2_layer_pread (img, buf + b, rb - b, gc + b)) < 0)
+    return r;
+  sector = (img->crypt_guest_sectors ? gc + ra : host + ra) / 512;
+  if ((r = q2_crypto_encrypt (img->crypto, sector, buf + ra, rb - ra)) < 0)
+    return r;
+  r = q2_io_pwrite (img->data_fd, buf + ra, rb - ra, host + ra,
+                    "guest data");
+  if (r == 0 && host + rb > img->file_size)
+    img->file_size = host + rb;
+  return r;
+}
+
 /* Writes [a, b) of one guest cluster.  Caller holds io_lock exclusively
  * and has called q2_prepare_write. */
 static int
@@ -283,36 +318,42 @@ write_cluster (struct q2_image *img, const uint8_t *data, uint64_t gc,
     }
   }
 
+  if (img->crypto) {
+    /* Whole sectors are encrypted; read-modify-write the edges. */
+    ra = Q2_ROUND_DOWN (ra, 512);
+    rb = Q2_MIN (Q2_ROUND_UP (rb, 512), cs);
+  }
   r = q2_check_overlap (img, host + ra, rb - ra, "guest data",
                         has_data_file (img) ? 0 : Q2_OVERLAP_ALL);
   if (r < 0)
     return r;
-  head = q2_scratch (Q2_SCRATCH_CLUSTER, cs);
-  tail = q2_scratch (Q2_SCRATCH_COMPRESSED, cs);
+  head = q2_scratch (Q2_SCRATCH_WRITE, cs);
+  tail = q2_scratch (Q2_SCRATCH_COW_TAIL, cs);
   if (head == NULL || tail == NULL)
     return q2_err (ENOMEM, "out of memory for copy-on-write");
-  r = prepare_cow (img, gc + ra, a - ra, head, host + ra, fresh, &head_buf);
-  if (r < 0)
-    return r;
-  r = prepare_cow (img, gc + b, rb - b, tail, host + b, fresh, &tail_buf);
-  if (r < 0)
-    return r;
 
-  /* Head, data and tail in one write where they are contiguous. */
-  {
-    uint64_t wstart = head_buf ? ra : a;
-    uint64_t wend = tail_buf ? rb : b;
-    if (head_buf)
-      iov[n++] = (struct iovec) { head, a - ra };
-    iov[n++] = (struct iovec) { (void *) data, b - a };
-    if (tail_buf)
-      iov[n++] = (struct iovec) { tail, rb - b };
-    r = q2_io_pwritev (img->data_fd, iov, n, host + wstart, "guest data");
-    if (r < 0)
-      return r;
-    if (host + wend > img->file_size && !has_data_file (img))
-      img->file_size = host + wend;
+  if (img->crypto)
+    r = write_encrypted (img, data, gc, host, ra, a, b, rb, head);
+  else {
+    r = prepare_cow (img, gc + ra, a - ra, head, host + ra, fresh, &head_buf);
+    if (r == 0)
+      r = prepare_cow (img, gc + b, rb - b, tail, host + b, fresh, &tail_buf);
+    if (r == 0) {
+      /* Head, data and tail in one write where they are contiguous. */
+      uint64_t wstart = head_buf ? ra : a;
+      uint64_t wend = tail_buf ? rb : b;
+      if (head_buf)
+        iov[n++] = (struct iovec) { head, a - ra };
+      iov[n++] = (struct iovec) { (void *) data, b - a };
+      if (tail_buf)
+        iov[n++] = (struct iovec) { tail, rb - b };
+      r = q2_io_pwritev (img->data_fd, iov, n, host + wstart, "guest data");
+      if (r == 0 && host + wend > img->file_size && !has_data_file (img))
+        img->file_size = host + wend;
+    }
   }
+  if (r < 0)
+    return r;
 
   /* Link the cluster. */
   entry = host | QCOW_OFLAG_COPIED;
@@ -351,7 +392,8 @@ write_in_place (struct q2_image *img, const uint8_t *buf, uint64_t count,
                 uint64_t offset, uint64_t *done)
 {
   *done = 0;
-  if (img->readonly || img->corrupt || !img->header_touched)
+  /* Encrypted sectors need read-modify-write: the exclusive path. */
+  if (img->readonly || img->corrupt || !img->header_touched || img->crypto)
     return 0;
   while (count > 0) {
     struct q2_map m;

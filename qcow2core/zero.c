@@ -18,14 +18,14 @@ backing_shows (const struct q2_image *img, uint64_t offset)
 static int
 write_zeros (struct q2_image *img, uint64_t offset, uint64_t len)
 {
-  uint8_t *z = q2_scratch (Q2_SCRATCH_COW, img->cluster_size);
+  const uint8_t *z = q2_zero_buffer (img);
 
   if (z == NULL)
     return q2_err (ENOMEM, "out of memory");
   while (len > 0) {
-    uint64_t n = Q2_MIN (len, img->cluster_size - (offset & (img->cluster_size - 1)));
+    uint64_t n = Q2_MIN (len, img->cluster_size -
+                         (offset & (img->cluster_size - 1)));
     int r;
-    memset (z, 0, n);
     if ((r = q2_write_locked (img, z, n, offset)) < 0)
       return r;
     offset += n;

@@ -1,0 +1,941 @@
+/* qcow2 encryption: legacy AES-CBC and LUKS1 (see crypto.h and section
+ * 1.12 of the format notes).
+ *
+ * A context holds the expanded AES key schedules for both directions
+ * (plus the XTS tweak key and the ESSIV key when the mode needs them),
+ * prepared once at open.  Per-sector work only derives the IV, so the
+ * hot path is a bulk AES call per 512-byte sector.
+ */
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include <nettle/aes.h>
+#include <nettle/cbc.h>
+#include <nettle/memops.h>
+#include <nettle/memxor.h>
+#include <nettle/nettle-meta.h>
+#include <nettle/pbkdf2.h>
+#include <nettle/sha1.h>
+#include <nettle/sha2.h>
+
+#include "internal.h"
+#include "crypto.h"
+
+#define SECTOR Q2_CRYPTO_SECTOR_SIZE
+#define BLOCK 16                        /* AES block */
+#define MAX_KEY 64                      /* aes-256-xts */
+
+/* ---- LUKS1 phdr layout (all integers big-endian) ---- */
+#define LUKS_MAGIC "LUKS\xba\xbe"
+#define LUKS_MAGIC_LEN 6
+#define LH_VERSION 6
+#define LH_CIPHER_NAME 8
+#define LH_CIPHER_MODE 40
+#define LH_HASH_SPEC 72
+#define LH_FIELD_LEN 32
+#define LH_PAYLOAD_OFFSET 104
+#define LH_KEY_BYTES 108
+#define LH_MK_DIGEST 112
+#define LH_MK_DIGEST_SALT 132
+#define LH_MK_DIGEST_ITER 164
+#define LH_UUID 168
+#define LH_UUID_LEN 40
+#define LH_SLOTS 208
+#define LS_SIZE 48
+#define LS_ACTIVE 0
+#define LS_ITERATIONS 4
+#define LS_SALT 8
+#define LS_KM_OFFSET 40
+#define LS_STRIPES 44
+#define LUKS_DIGEST_LEN 20
+#define LUKS_SALT_LEN 32
+#define LUKS_SLOT_ENABLED 0x00ac71f3U
+#define LUKS_SLOT_DISABLED 0x0000deadU
+/* QEMU's layout: the phdr gets 4096 bytes, and each slot's key material
+ * is rounded up to a multiple of that. */
+#define LUKS_ALIGN_SECTORS 8
+#define LUKS_MIN_DIGEST_ITER 1000
+
+/* ---- hashes: PBKDF2 PRF, AF diffusion, ESSIV ---- */
+typedef void pbkdf2_fn (size_t key_length, const uint8_t *key,
+                        unsigned iterations, size_t salt_length,
+                        const uint8_t *salt, size_t length, uint8_t *dst);
+
+struct hash_info {
+  const char *name;
+  const struct nettle_hash *hash;
+  pbkdf2_fn *pbkdf2;
+};
+
+static const struct hash_info hashes[] = {
+  { "sha1", &nettle_sha1, pbkdf2_hmac_sha1 },
+  { "sha256", &nettle_sha256, pbkdf2_hmac_sha256 },
+  { "sha384", &nettle_sha384, pbkdf2_hmac_sha384 },
+  { "sha512", &nettle_sha512, pbkdf2_hmac_sha512 },
+};
+
+union hash_ctx {
+  struct sha1_ctx sha1;
+  struct sha256_ctx sha256;
+  struct sha512_ctx sha512;             /* also sha384 */
+};
+
+static const struct hash_info *
+find_hash (const char *name)
+{
+  size_t i;
+
+  for (i = 0; i < sizeof hashes / sizeof hashes[0]; i++)
+    if (strcmp (hashes[i].name, name) == 0)
+      return &hashes[i];
+  return NULL;
+}
+
+static void
+wipe (void *p, size_t n)
+{
+  if (p)
+    explicit_bzero (p, n);
+}
+
+/* ---- AES through nettle_cipher_func-compatible wrappers ---- */
+union aes_key {
+  struct aes128_ctx k128;
+  struct aes192_ctx k192;
+  struct aes256_ctx k256;
+};
+
+static void
+enc128 (const void *k, size_t n, uint8_t *d, const uint8_t *s)
+{
+  aes128_encrypt (k, n, d, s);
+}
+static void
+dec128 (const void *k, size_t n, uint8_t *d, const uint8_t *s)
+{
+  aes128_decrypt (k, n, d, s);
+}
+static void
+enc192 (const void *k, size_t n, uint8_t *d, const uint8_t *s)
+{
+  aes192_encrypt (k, n, d, s);
+}
+static void
+dec192 (const void *k, size_t n, uint8_t *d, const uint8_t *s)
+{
+  aes192_decrypt (k, n, d, s);
+}
+static void
+enc256 (const void *k, size_t n, uint8_t *d, const uint8_t *s)
+{
+  aes256_encrypt (k, n, d, s);
+}
+static void
+dec256 (const void *k, size_t n, uint8_t *d, const uint8_t *s)
+{
+  aes256_decrypt (k, n, d, s);
+}
+
+/* Expands an AES key of len 16/24/32 bytes.  dk may be NULL. */
+static void
+aes_setup (size_t len, const uint8_t *key, union aes_key *ek,
+           union aes_key *dk, nettle_cipher_func **encf,
+           nettle_cipher_func **decf)
+{
+  switch (len) {
+  case 16:
+    aes128_set_encrypt_key (&ek->k128, key);
+    if (dk)
+      aes128_invert_key (&dk->k128, &ek->k128);
+    *encf = enc128;
+    if (decf)
+      *decf = dec128;
+    break;
+  case 24:
+    aes192_set_encrypt_key (&ek->k192, key);
+    if (dk)
+      aes192_invert_key (&dk->k192, &ek->k192);
+    *encf = enc192;
+    if (decf)
+      *decf = dec192;
+    break;
+  default:
+    aes256_set_encrypt_key (&ek->k256, key);
+    if (dk)
+      aes256_invert_key (&dk->k256, &ek->k256);
+    *encf = enc256;
+    if (decf)
+      *decf = dec256;
+    break;
+  }
+}
+
+/* ---- a prepared sector cipher ---- */
+enum mode { MODE_CBC, MODE_XTS };
+enum ivgen { IVGEN_PLAIN, IVGEN_PLAIN64, IVGEN_ESSIV };
+
+struct cipher {
+  enum mode mode;
+  enum ivgen ivgen;
+  size_t aes_len;                       /* bytes of one AES key */
+  nettle_cipher_func *enc, *dec, *essiv_enc;
+  union aes_key ek, dk;                 /* data key, both directions */
+  union aes_key tk;                     /* XTS tweak key (encrypt) */
+  union aes_key essiv;                  /* ESSIV key (encrypt) */
+};
+
+/* What a LUKS cipher_mode string such as "cbc-essiv:sha256" means. */
+struct mode_spec {
+  enum mode mode;
+  enum ivgen ivgen;
+  const struct hash_info *essiv_hash;   /* IVGEN_ESSIV only */
+};
+
+/* key_len is the full key: twice the AES key for XTS. */
+static int
+cipher_init (struct cipher *c, const struct mode_spec *m,
+             const uint8_t *key, size_t key_len)
+{
+  memset (c, 0, sizeof *c);
+  c->mode = m->mode;
+  c->ivgen = m->ivgen;
+  c->aes_len = m->mode == MODE_XTS ? key_len / 2 : key_len;
+  if (c->aes_len != 16 && c->aes_len != 24 && c->aes_len != 32)
+    return q2_err (EINVAL, "invalid AES key length %zu", key_len);
+  aes_setup (c->aes_len, key, &c->ek, &c->dk, &c->enc, &c->dec);
+  if (m->mode == MODE_XTS) {
+    nettle_cipher_func *unused;
+    aes_setup (c->aes_len, key + c->aes_len, &c->tk, NULL, &unused, NULL);
+  }
+  if (m->ivgen == IVGEN_ESSIV) {
+    /* The ESSIV key is the hash of the whole (possibly doubled) key; its
+     * digest length picks the AES variant, as QEMU does. */
+    const struct nettle_hash *h = m->essiv_hash->hash;
+    union hash_ctx hc;
+    uint8_t digest[64];
+
+    if (h->digest_size != 16 && h->digest_size != 24 && h->digest_size != 32)
+      return q2_err (ENOTSUP, "ESSIV hash %s: no AES key of %u bytes",
+                     m->essiv_hash->name, h->digest_size);
+    h->init (&hc);
+    h->update (&hc, key_len, key);
+    h->digest (&hc, h->digest_size, digest);
+    aes_setup (h->digest_size, digest, &c->essiv, NULL, &c->essiv_enc, NULL);
+    wipe (&hc, sizeof hc);
+    wipe (digest, sizeof digest);
+  }
+  return 0;
+}
+
+static inline void
+put_le64 (uint8_t *p, uint64_t v)
+{
+  v = htole64 (v);
+  memcpy (p, &v, sizeof v);
+}
+
+static inline uint64_t
+get_le64 (const uint8_t *p)
+{
+  uint64_t v;
+
+  memcpy (&v, p, sizeof v);
+  return le64toh (v);
+}
+
+static inline void
+make_iv (const struct cipher *c, uint64_t sector, uint8_t iv[BLOCK])
+{
+  memset (iv, 0, BLOCK);
+  if (c->ivgen == IVGEN_PLAIN)
+    put_le64 (iv, sector & 0xffffffffU);
+  else
+    put_le64 (iv, sector);
+  if (c->ivgen == IVGEN_ESSIV)
+    c->essiv_enc (&c->essiv, BLOCK, iv, iv);
+}
+
+/* XTS (IEEE 1619) on one sector of n bytes, a multiple of 16 and at most
+ * 512, so no ciphertext stealing.  Same result as nettle's
+ * xts_{en,de}crypt_message, but all tweaks are computed first and the
+ * sector goes through AES in one bulk call (which lets AES-NI pipeline). */
+static void
+xts_sector (const struct cipher *c, const uint8_t iv[BLOCK], uint8_t *buf,
+            size_t n, bool encrypt)
+{
+  uint8_t t[SECTOR];
+  uint64_t lo, hi;
+  size_t i;
+
+  c->enc (&c->tk, BLOCK, t, iv);
+  lo = get_le64 (t);
+  hi = get_le64 (t + 8);
+  for (i = BLOCK; i < n; i += BLOCK) {
+    /* Multiply by x in GF(2^128), little-endian convention. */
+    uint64_t carry = hi >> 63;
+    hi = hi << 1 | lo >> 63;
+    lo = lo << 1 ^ (0x87 & -carry);
+    put_le64 (t + i, lo);
+    put_le64 (t + i + 8, hi);
+  }
+  memxor (buf, t, n);
+  if (encrypt)
+    c->enc (&c->ek, n, buf, buf);
+  else
+    c->dec (&c->dk, n, buf, buf);
+  memxor (buf, t, n);
+  wipe (t, n);
+}
+
+/* len is a multiple of 16; a short last sector is allowed (LUKS key
+ * material need not be a whole number of sectors). */
+static void
+cipher_run (const struct cipher *c, uint64_t sector, uint8_t *buf,
+            size_t len, bool encrypt)
+{
+  uint8_t iv[BLOCK];
+
+  while (len > 0) {
+    size_t n = len < SECTOR ? len : SECTOR;
+
+    make_iv (c, sector, iv);
+    if (c->mode == MODE_XTS)
+      xts_sector (c, iv, buf, n, encrypt);
+    else if (encrypt)
+      cbc_encrypt (&c->ek, c->enc, BLOCK, iv, n, buf, buf);
+    else
+      cbc_decrypt (&c->dk, c->dec, BLOCK, iv, n, buf, buf);
+    buf += n;
+    len -= n;
+    sector++;
+  }
+}
+
+/* ---- the public context ---- */
+struct q2_crypto {
+  int method;                           /* 1 AES, 2 LUKS */
+  struct cipher cipher;
+  char desc[128];
+};
+
+static int
+crypto_new (int method, const struct mode_spec *m, const uint8_t *key,
+            size_t key_len, struct q2_crypto **out)
+{
+  struct q2_crypto *c;
+  int r;
+
+  c = calloc (1, sizeof *c);
+  if (c == NULL)
+    return q2_err (ENOMEM, "allocating the encryption context");
+  c->method = method;
+  r = cipher_init (&c->cipher, m, key, key_len);
+  if (r < 0) {
+    q2_crypto_free (c);
+    return r;
+  }
+  *out = c;
+  return 0;
+}
+
+void
+q2_crypto_free (struct q2_crypto *c)
+{
+  if (c == NULL)
+    return;
+  wipe (c, sizeof *c);
+  free (c);
+}
+
+const char *
+q2_crypto_describe (const struct q2_crypto *c)
+{
+  return c ? c->desc : "none";
+}
+
+int
+q2_crypto_method (const struct q2_crypto *c)
+{
+  return c ? c->method : 0;
+}
+
+static int
+check_args (const struct q2_crypto *c, const uint8_t *buf, size_t len,
+            const char *what)
+{
+  if (c == NULL || (buf == NULL && len > 0))
+    return q2_err (EINVAL, "%s: no context or buffer", what);
+  if (len % SECTOR != 0)
+    return q2_err (EINVAL, "%s: length %zu is not a multiple of %d",
+                   what, len, SECTOR);
+  return 0;
+}
+
+int
+q2_crypto_encrypt (const struct q2_crypto *c, uint64_t sector,
+                   uint8_t *buf, size_t len)
+{
+  int r = check_args (c, buf, len, "encrypt");
+
+  if (r == 0)
+    cipher_run (&c->cipher, sector, buf, len, true);
+  return r;
+}
+
+int
+q2_crypto_decrypt (const struct q2_crypto *c, uint64_t sector,
+                   uint8_t *buf, size_t len)
+{
+  int r = check_args (c, buf, len, "decrypt");
+
+  if (r == 0)
+    cipher_run (&c->cipher, sector, buf, len, false);
+  return r;
+}
+
+/* ---- legacy AES ---- */
+int
+q2_crypto_open_aes (const char *password, struct q2_crypto **out)
+{
+  static const struct mode_spec cbc_plain64 = { MODE_CBC, IVGEN_PLAIN64,
+                                                NULL };
+  uint8_t key[16] = { 0 };
+  size_t n;
+  int r;
+
+  if (out == NULL)
+    return q2_err (EINVAL, "q2_crypto_open_aes: no output pointer");
+  *out = NULL;
+  if (password == NULL)
+    return q2_err (EINVAL, "the AES-encrypted image needs a password");
+  n = strlen (password);
+  memcpy (key, password, n < sizeof key ? n : sizeof key);
+  r = crypto_new (1, &cbc_plain64, key, sizeof key, out);
+  wipe (key, sizeof key);
+  if (r == 0)
+    snprintf ((*out)->desc, sizeof (*out)->desc, "aes aes-128 cbc-plain64");
+  return r;
+}
+
+/* ---- LUKS helpers ---- */
+
+/* Copies a NUL-terminated string field of the phdr. */
+static int
+get_str (const uint8_t *hdr, size_t off, char out[LH_FIELD_LEN],
+         const char *field)
+{
+  if (memchr (hdr + off, '\0', LH_FIELD_LEN) == NULL)
+    return q2_err (EINVAL, "LUKS header: %s is not NUL-terminated", field);
+  memcpy (out, hdr + off, LH_FIELD_LEN);
+  return 0;
+}
+
+/* Parses "cbc-plain64", "xts-plain", "cbc-essiv:sha256", ... */
+static int
+parse_mode (const char *s, struct mode_spec *m)
+{
+  const char *dash = strchr (s, '-');
+  const char *iv;
+  size_t mlen;
+
+  memset (m, 0, sizeof *m);
+  if (dash == NULL)
+    return q2_err (ENOTSUP, "cipher mode \"%s\" is not supported (no IV "
+                   "generator)", s);
+  mlen = dash - s;
+  if (mlen == 3 && strncmp (s, "cbc", 3) == 0)
+    m->mode = MODE_CBC;
+  else if (mlen == 3 && strncmp (s, "xts", 3) == 0)
+    m->mode = MODE_XTS;
+  else
+    return q2_err (ENOTSUP, "cipher mode \"%s\" is not supported", s);
+  iv = dash + 1;
+  if (strcmp (iv, "plain64") == 0)
+    m->ivgen = IVGEN_PLAIN64;
+  else if (strcmp (iv, "plain") == 0)
+    m->ivgen = IVGEN_PLAIN;
+  else if (strncmp (iv, "essiv:", 6) == 0) {
+    m->ivgen = IVGEN_ESSIV;
+    m->essiv_hash = find_hash (iv + 6);
+    if (m->essiv_hash == NULL)
+      return q2_err (ENOTSUP, "cipher mode \"%s\": ESSIV hash \"%s\" is "
+                     "not supported", s, iv + 6);
+    if (m->essiv_hash->hash->digest_size != 16 &&
+        m->essiv_hash->hash->digest_size != 24 &&
+        m->essiv_hash->hash->digest_size != 32)
+      return q2_err (ENOTSUP, "cipher mode \"%s\": the ESSIV hash must give "
+                     "an AES key (16, 24 or 32 bytes)", s);
+  }
+  else
+    return q2_err (ENOTSUP, "cipher mode \"%s\": IV generator \"%s\" is "
+                   "not supported", s, iv);
+  return 0;
+}
+
+static bool
+key_bytes_ok (const struct mode_spec *m, uint32_t key_bytes)
+{
+  uint32_t k = m->mode == MODE_XTS ? key_bytes / 2 : key_bytes;
+
+  if (m->mode == MODE_XTS && key_bytes % 2 != 0)
+    return false;
+  return k == 16 || k == 24 || k == 32;
+}
+
+/* AF diffusion: each digest-sized block i of d becomes
+ * H(be32(i) || block), the last block truncated. */
+static void
+af_diffuse (const struct hash_info *hi, uint8_t *d, size_t n)
+{
+  const struct nettle_hash *h = hi->hash;
+  union hash_ctx hc;
+  uint8_t out[64], ctr[4];
+  size_t off;
+  uint32_t i;
+
+  for (i = 0, off = 0; off < n; i++, off += h->digest_size) {
+    size_t m = Q2_MIN ((size_t) h->digest_size, n - off);
+
+    q2_put_be32 (ctr, i);
+    h->init (&hc);
+    h->update (&hc, sizeof ctr, ctr);
+    h->update (&hc, m, d + off);
+    h->digest (&hc, h->digest_size, out);
+    memcpy (d + off, out, m);
+  }
+  wipe (&hc, sizeof hc);
+  wipe (out, sizeof out);
+}
+
+static void
+af_merge (const struct hash_info *hi, const uint8_t *src, size_t key_bytes,
+          uint32_t stripes, uint8_t *mk)
+{
+  uint32_t i;
+
+  memset (mk, 0, key_bytes);
+  for (i = 0; i + 1 < stripes; i++) {
+    memxor (mk, src + (size_t) i * key_bytes, key_bytes);
+    af_diffuse (hi, mk, key_bytes);
+  }
+  memxor (mk, src + (size_t) (stripes - 1) * key_bytes, key_bytes);
+}
+
+/* dst gets stripes * key_bytes bytes; the first stripes - 1 blocks must
+ * already be random. */
+static void
+af_split_finish (const struct hash_info *hi, uint8_t *dst, size_t key_bytes,
+                 uint32_t stripes, const uint8_t *mk)
+{
+  uint8_t d[MAX_KEY] = { 0 };
+  uint32_t i;
+
+  for (i = 0; i + 1 < stripes; i++) {
+    memxor (d, dst + (size_t) i * key_bytes, key_bytes);
+    af_diffuse (hi, d, key_bytes);
+  }
+  memxor3 (dst + (size_t) (stripes - 1) * key_bytes, d, mk, key_bytes);
+  wipe (d, sizeof d);
+}
+
+/* Everything open needs from the phdr, validated. */
+struct luks_hdr {
+  char cipher_name[LH_FIELD_LEN], cipher_mode[LH_FIELD_LEN];
+  char hash_spec[LH_FIELD_LEN];
+  struct mode_spec mode;
+  const struct hash_info *hash;
+  uint32_t key_bytes, mk_digest_iter;
+  const uint8_t *mk_digest, *mk_digest_salt;
+  struct {
+    bool active;
+    uint32_t iterations, stripes;
+    uint64_t km_offset, km_len;         /* bytes into the area */
+    const uint8_t *salt;
+  } slot[Q2_LUKS_NUM_SLOTS];
+};
+
+static int
+parse_luks (const uint8_t *hdr, size_t len, struct luks_hdr *h)
+{
+  int i, r;
+
+  memset (h, 0, sizeof *h);
+  if (hdr == NULL || len < Q2_LUKS_PHDR_SIZE)
+    return q2_err (EINVAL, "LUKS header: the area (%zu bytes) is smaller "
+                   "than the %d-byte phdr", hdr ? len : 0,
+                   Q2_LUKS_PHDR_SIZE);
+  if (memcmp (hdr, LUKS_MAGIC, LUKS_MAGIC_LEN) != 0)
+    return q2_err (EINVAL, "LUKS header: bad magic");
+  if (q2_be16 (hdr + LH_VERSION) != 1)
+    return q2_err (EINVAL, "LUKS header: version %u is not 1 (only LUKS1 "
+                   "is used in qcow2)", q2_be16 (hdr + LH_VERSION));
+  if ((r = get_str (hdr, LH_CIPHER_NAME, h->cipher_name, "cipher_name")) < 0 ||
+      (r = get_str (hdr, LH_CIPHER_MODE, h->cipher_mode, "cipher_mode")) < 0 ||
+      (r = get_str (hdr, LH_HASH_SPEC, h->hash_spec, "hash_spec")) < 0)
+    return r;
+  if (strcmp (h->cipher_name, "aes") != 0)
+    return q2_err (ENOTSUP, "LUKS header: cipher_name \"%s\" is not "
+                   "supported (only aes)", h->cipher_name);
+  r = parse_mode (h->cipher_mode, &h->mode);
+  if (r < 0)
+    return q2_err_prefix (r, "LUKS header: cipher_mode");
+  h->hash = find_hash (h->hash_spec);
+  if (h->hash == NULL)
+    return q2_err (ENOTSUP, "LUKS header: hash_spec \"%s\" is not supported",
+                   h->hash_spec);
+  h->key_bytes = q2_be32 (hdr + LH_KEY_BYTES);
+  if (!key_bytes_ok (&h->mode, h->key_bytes))
+    return q2_err (EINVAL, "LUKS header: key_bytes %u is invalid for "
+                   "aes %s", h->key_bytes, h->cipher_mode);
+  h->mk_digest = hdr + LH_MK_DIGEST;
+  h->mk_digest_salt = hdr + LH_MK_DIGEST_SALT;
+  h->mk_digest_iter = q2_be32 (hdr + LH_MK_DIGEST_ITER);
+  if (h->mk_digest_iter == 0)
+    return q2_err (EINVAL, "LUKS header: mk_digest_iter is 0");
+
+  for (i = 0; i < Q2_LUKS_NUM_SLOTS; i++) {
+    const uint8_t *s = hdr + LH_SLOTS + i * LS_SIZE;
+    uint32_t active = q2_be32 (s + LS_ACTIVE);
+    uint64_t off;
+
+    if (active == LUKS_SLOT_DISABLED)
+      continue;
+    if (active != LUKS_SLOT_ENABLED)
+      return q2_err (EINVAL, "LUKS header: key slot %d: active field %#x is "
+                     "neither enabled nor disabled", i, active);
+    h->slot[i].active = true;
+    h->slot[i].iterations = q2_be32 (s + LS_ITERATIONS);
+    h->slot[i].salt = s + LS_SALT;
+    h->slot[i].stripes = q2_be32 (s + LS_STRIPES);
+    off = (uint64_t) q2_be32 (s + LS_KM_OFFSET) * SECTOR;
+    h->slot[i].km_offset = off;
+    h->slot[i].km_len = (uint64_t) h->slot[i].stripes * h->key_bytes;
+    if (h->slot[i].iterations == 0)
+      return q2_err (EINVAL, "LUKS header: key slot %d: iterations is 0", i);
+    if (h->slot[i].stripes == 0)
+      return q2_err (EINVAL, "LUKS header: key slot %d: stripes is 0", i);
+    if (h->slot[i].km_len % BLOCK != 0)
+      return q2_err (EINVAL, "LUKS header: key slot %d: key material of "
+                     "%llu bytes is not a whole number of cipher blocks", i,
+                     (unsigned long long) h->slot[i].km_len);
+    if (off < Q2_LUKS_PHDR_SIZE)
+      return q2_err (EINVAL, "LUKS header: key slot %d: key_material_offset "
+                     "%llu overlaps the phdr", i, (unsigned long long) off);
+    if (off > len || h->slot[i].km_len > len - off)
+      return q2_err (EINVAL, "LUKS header: key slot %d: key material "
+                     "(key_material_offset %llu, %llu bytes) lies outside "
+                     "the %zu-byte LUKS area", i, (unsigned long long) off,
+                     (unsigned long long) h->slot[i].km_len, len);
+  }
+  return 0;
+}
+
+/* Tries one slot: 1 and *mk set if the password opens it, 0 if not,
+ * or -errno.  km is scratch of at least km_len bytes. */
+static int
+try_slot (const uint8_t *hdr, const struct luks_hdr *h, int i,
+          const char *password, uint8_t *km, uint8_t mk[MAX_KEY])
+{
+  struct cipher kc;
+  uint8_t slot_key[MAX_KEY], digest[LUKS_DIGEST_LEN];
+  int r, match;
+
+  h->hash->pbkdf2 (strlen (password), (const uint8_t *) password,
+                   h->slot[i].iterations, LUKS_SALT_LEN, h->slot[i].salt,
+                   h->key_bytes, slot_key);
+  r = cipher_init (&kc, &h->mode, slot_key, h->key_bytes);
+  wipe (slot_key, sizeof slot_key);
+  if (r < 0) {
+    wipe (&kc, sizeof kc);
+    return r;
+  }
+  memcpy (km, hdr + h->slot[i].km_offset, h->slot[i].km_len);
+  cipher_run (&kc, 0, km, h->slot[i].km_len, false);
+  wipe (&kc, sizeof kc);
+  af_merge (h->hash, km, h->key_bytes, h->slot[i].stripes, mk);
+  wipe (km, h->slot[i].km_len);
+  h->hash->pbkdf2 (h->key_bytes, mk, h->mk_digest_iter, LUKS_SALT_LEN,
+                   h->mk_digest_salt, sizeof digest, digest);
+  match = memeql_sec (digest, h->mk_digest, sizeof digest);
+  wipe (digest, sizeof digest);
+  if (!match)
+    wipe (mk, MAX_KEY);
+  return match ? 1 : 0;
+}
+
+static void
+describe_luks (struct q2_crypto *c, const struct luks_hdr *h)
+{
+  snprintf (c->desc, sizeof c->desc, "luks aes-%zu %s %s",
+            c->cipher.aes_len * 8, h->cipher_mode, h->hash_spec);
+}
+
+int
+q2_crypto_open_luks (const uint8_t *hdr, size_t len, const char *password,
+                     struct q2_crypto **out)
+{
+  struct luks_hdr h;
+  uint8_t mk[MAX_KEY], *km = NULL;
+  uint64_t km_max = 0;
+  int i, r, nactive = 0;
+
+  if (out == NULL)
+    return q2_err (EINVAL, "q2_crypto_open_luks: no output pointer");
+  *out = NULL;
+  r = parse_luks (hdr, len, &h);
+  if (r < 0)
+    return r;
+  if (password == NULL)
+    return q2_err (EINVAL, "the LUKS-encrypted image needs a password");
+  for (i = 0; i < Q2_LUKS_NUM_SLOTS; i++)
+    if (h.slot[i].active) {
+      nactive++;
+      km_max = Q2_MAX (km_max, h.slot[i].km_len);
+    }
+  if (nactive == 0)
+    return q2_err (EPERM, "invalid password for the encrypted image (the "
+                   "LUKS header has no active key slot)");
+
+  km = malloc (km_max);                 /* km_max <= len */
+  if (km == NULL)
+    return q2_err (ENOMEM, "allocating %llu bytes of LUKS key material",
+                   (unsigned long long) km_max);
+  r = 0;
+  for (i = 0; i < Q2_LUKS_NUM_SLOTS && r == 0; i++)
+    if (h.slot[i].active)
+      r = try_slot (hdr, &h, i, password, km, mk);
+  free (km);                            /* wiped by try_slot */
+  if (r < 0)
+    return r;
+  if (r == 0)
+    return q2_err (EPERM, "invalid password for the encrypted image");
+
+  r = crypto_new (2, &h.mode, mk, h.key_bytes, out);
+  wipe (mk, sizeof mk);
+  if (r == 0)
+    describe_luks (*out, &h);
+  return r;
+}
+
+int
+q2_crypto_open_key (const char *cipher_mode, const uint8_t *key,
+                    size_t key_len, struct q2_crypto **out)
+{
+  struct mode_spec m;
+  int r;
+
+  if (out == NULL)
+    return q2_err (EINVAL, "q2_crypto_open_key: no output pointer");
+  *out = NULL;
+  if (cipher_mode == NULL || key == NULL)
+    return q2_err (EINVAL, "q2_crypto_open_key: no cipher mode or key");
+  r = parse_mode (cipher_mode, &m);
+  if (r < 0)
+    return r;
+  if (key_len > UINT32_MAX || !key_bytes_ok (&m, key_len))
+    return q2_err (EINVAL, "a key of %zu bytes is invalid for aes %s",
+                   key_len, cipher_mode);
+  r = crypto_new (2, &m, key, key_len, out);
+  if (r == 0)
+    snprintf ((*out)->desc, sizeof (*out)->desc, "luks aes-%zu %s",
+              (*out)->cipher.aes_len * 8, cipher_mode);
+  return r;
+}
+
+/* ---- creating a LUKS area ---- */
+static int
+random_bytes (void *buf, size_t n)
+{
+  uint8_t *p = buf;
+
+  while (n > 0) {
+    ssize_t r = getrandom (p, n, 0);
+
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0 && errno == ENOSYS) {
+      /* Old kernel: fall back to the device. */
+      int fd = open ("/dev/urandom", O_RDONLY | O_CLOEXEC);
+
+      if (fd < 0)
+        return q2_err (errno, "/dev/urandom: %m");
+      while (n > 0) {
+        r = read (fd, p, n);
+        if (r < 0 && errno == EINTR)
+          continue;
+        if (r <= 0) {
+          int e = r < 0 ? errno : EIO;
+          close (fd);
+          return q2_err (e, "reading /dev/urandom: %s", strerror (e));
+        }
+        p += r;
+        n -= r;
+      }
+      close (fd);
+      return 0;
+    }
+    if (r < 0)
+      return q2_err (errno, "getrandom: %m");
+    p += r;
+    n -= r;
+  }
+  return 0;
+}
+
+int
+q2_crypto_create_luks (const char *cipher_alg, const char *cipher_mode,
+                       const char *ivgen, const char *hash,
+                       const char *password, uint32_t iterations,
+                       uint8_t **hdr_out, size_t *hdr_len,
+                       struct q2_crypto **out)
+{
+  char mode_str[LH_FIELD_LEN];
+  struct mode_spec m;
+  const struct hash_info *hi;
+  struct cipher kc;
+  size_t aes_len, key_bytes, km_len, slot_sectors, area_sectors, area_len;
+  uint8_t mk[MAX_KEY], slot_key[MAX_KEY], u[16];
+  uint8_t *a = NULL, *km;
+  uint32_t digest_iter;
+  int i, r, n;
+
+  if (hdr_out == NULL || hdr_len == NULL || out == NULL)
+    return q2_err (EINVAL, "q2_crypto_create_luks: no output pointer");
+  *hdr_out = NULL;
+  *hdr_len = 0;
+  *out = NULL;
+  if (password == NULL)
+    return q2_err (EINVAL, "creating a LUKS header needs a password");
+  if (iterations == 0)
+    return q2_err (EINVAL, "LUKS key slot iterations must be > 0");
+
+  if (cipher_alg == NULL || strcmp (cipher_alg, "aes-256") == 0)
+    aes_len = 32;
+  else if (strcmp (cipher_alg, "aes-192") == 0)
+    aes_len = 24;
+  else if (strcmp (cipher_alg, "aes-128") == 0)
+    aes_len = 16;
+  else
+    return q2_err (ENOTSUP, "cipher algorithm \"%s\" is not supported "
+                   "(aes-128, aes-192, aes-256)", cipher_alg);
+
+  if (cipher_mode == NULL)
+    cipher_mode = "xts";
+  if (ivgen == NULL && strchr (cipher_mode, '-') != NULL)
+    n = snprintf (mode_str, sizeof mode_str, "%s", cipher_mode);
+  else {
+    if (ivgen == NULL)
+      ivgen = "plain64";
+    if (strcmp (ivgen, "essiv") == 0)
+      ivgen = "essiv:sha256";
+    n = snprintf (mode_str, sizeof mode_str, "%s-%s", cipher_mode, ivgen);
+  }
+  if (n < 0 || (size_t) n >= sizeof mode_str)
+    return q2_err (EINVAL, "cipher mode \"%s\" is too long", cipher_mode);
+  r = parse_mode (mode_str, &m);
+  if (r < 0)
+    return r;
+  key_bytes = m.mode == MODE_XTS ? 2 * aes_len : aes_len;
+  if (key_bytes * Q2_LUKS_STRIPES % SECTOR != 0)
+    return q2_err (ENOTSUP, "%s with %s: the key material (%zu bytes) is "
+                   "not a whole number of sectors, which QEMU cannot open",
+                   cipher_alg, mode_str, key_bytes * Q2_LUKS_STRIPES);
+
+  if (hash == NULL)
+    hash = "sha256";
+  hi = find_hash (hash);
+  if (hi == NULL)
+    return q2_err (ENOTSUP, "hash \"%s\" is not supported (sha1, sha256, "
+                   "sha384, sha512)", hash);
+
+  /* QEMU's layout. */
+  km_len = key_bytes * Q2_LUKS_STRIPES;
+  slot_sectors = Q2_ROUND_UP ((km_len + SECTOR - 1) / SECTOR,
+                              LUKS_ALIGN_SECTORS);
+  area_sectors = LUKS_ALIGN_SECTORS + Q2_LUKS_NUM_SLOTS * slot_sectors;
+  area_len = area_sectors * SECTOR;
+  a = calloc (1, area_len);
+  if (a == NULL)
+    return q2_err (ENOMEM, "allocating a %zu-byte LUKS header", area_len);
+
+  memcpy (a, LUKS_MAGIC, LUKS_MAGIC_LEN);
+  q2_put_be16 (a + LH_VERSION, 1);
+  strcpy ((char *) a + LH_CIPHER_NAME, "aes");
+  strcpy ((char *) a + LH_CIPHER_MODE, mode_str);
+  snprintf ((char *) a + LH_HASH_SPEC, LH_FIELD_LEN, "%s", hi->name);
+  q2_put_be32 (a + LH_PAYLOAD_OFFSET, area_sectors);
+  q2_put_be32 (a + LH_KEY_BYTES, key_bytes);
+  digest_iter = Q2_MAX (iterations / 8, LUKS_MIN_DIGEST_ITER);
+  q2_put_be32 (a + LH_MK_DIGEST_ITER, digest_iter);
+
+  r = random_bytes (mk, key_bytes);
+  if (r == 0)
+    r = random_bytes (a + LH_MK_DIGEST_SALT, LUKS_SALT_LEN);
+  if (r == 0)
+    r = random_bytes (a + LH_SLOTS + LS_SALT, LUKS_SALT_LEN);
+  if (r == 0)
+    r = random_bytes (u, sizeof u);
+  if (r < 0)
+    goto out;
+  hi->pbkdf2 (key_bytes, mk, digest_iter, LUKS_SALT_LEN,
+              a + LH_MK_DIGEST_SALT, LUKS_DIGEST_LEN, a + LH_MK_DIGEST);
+
+  /* A version 4 UUID. */
+  u[6] = (u[6] & 0x0f) | 0x40;
+  u[8] = (u[8] & 0x3f) | 0x80;
+  snprintf ((char *) a + LH_UUID, LH_UUID_LEN,
+            "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-"
+            "%02x%02x%02x%02x%02x%02x",
+            u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7],
+            u[8], u[9], u[10], u[11], u[12], u[13], u[14], u[15]);
+
+  for (i = 0; i < Q2_LUKS_NUM_SLOTS; i++) {
+    uint8_t *s = a + LH_SLOTS + i * LS_SIZE;
+
+    q2_put_be32 (s + LS_ACTIVE, i == 0 ? LUKS_SLOT_ENABLED
+                                       : LUKS_SLOT_DISABLED);
+    q2_put_be32 (s + LS_ITERATIONS, i == 0 ? iterations : 0);
+    q2_put_be32 (s + LS_KM_OFFSET, LUKS_ALIGN_SECTORS + i * slot_sectors);
+    q2_put_be32 (s + LS_STRIPES, Q2_LUKS_STRIPES);
+  }
+
+  /* Slot 0: AF-split the master key, encrypt it with the slot key. */
+  km = a + LUKS_ALIGN_SECTORS * SECTOR;
+  r = random_bytes (km, km_len - key_bytes);
+  if (r < 0)
+    goto out;
+  af_split_finish (hi, km, key_bytes, Q2_LUKS_STRIPES, mk);
+  hi->pbkdf2 (strlen (password), (const uint8_t *) password, iterations,
+              LUKS_SALT_LEN, a + LH_SLOTS + LS_SALT, key_bytes, slot_key);
+  r = cipher_init (&kc, &m, slot_key, key_bytes);
+  if (r == 0)
+    cipher_run (&kc, 0, km, km_len, true);
+  wipe (&kc, sizeof kc);
+  wipe (slot_key, sizeof slot_key);
+  if (r < 0)
+    goto out;
+
+  r = crypto_new (2, &m, mk, key_bytes, out);
+  if (r < 0)
+    goto out;
+  snprintf ((*out)->desc, sizeof (*out)->desc, "luks aes-%zu %s %s",
+            aes_len * 8, mode_str, hi->name);
+  *hdr_out = a;
+  *hdr_len = area_len;
+  a = NULL;
+
+ out:
+  wipe (mk, sizeof mk);
+  if (a) {
+    wipe (a, area_len);
+    free (a);
+  }
+  return r;
+}
