@@ -31,10 +31,10 @@ UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/unit/%,$(UNIT_SRCS))
 
 .PHONY: all deps check check-unit check-bats check-sanitize install uninstall serve clean man
 
-all: $(PLUGIN_SO) $(CORE_LIB) $(UNIT_BINS)
+all: $(PLUGIN_SO) $(CORE_LIB) $(UNIT_BINS) $(BUILD)/qcow2-tool
 ifneq ($(SANITIZE),1)
-all: plugin/nbdkit-qcow2-plugin.so
-endif tools/qcow2-tool
+all: plugin/nbdkit-qcow2-plugin.so tools/qcow2-tool
+endif
 
 # The documented path of the plugin is plugin/nbdkit-qcow2-plugin.so.
 plugin/nbdkit-qcow2-plugin.so: build/nbdkit-qcow2-plugin.so
@@ -71,14 +71,12 @@ $(BUILD)/tools/%.o: tools/%.c tools/tool.h qcow2core/qcow2.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -c $< -o $@
 
-# The whole archive, so that the core's definitions replace the tool's
-# weak fallbacks (tools/snapshot-fallback.c).
 $(TOOL_BIN): $(TOOL_OBJS) $(CORE_LIB)
-	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $(TOOL_OBJS) \
-	  -Wl,--whole-archive $(CORE_LIB) -Wl,--no-whole-archive $(LIBS)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $(TOOL_OBJS) $(CORE_LIB) $(LIBS)
 
-tools/qcow2-tool: $(TOOL_BIN)
-	ln -sf ../$(TOOL_BIN) $@
+# Like the plugin's, the documented path points at the normal build.
+tools/qcow2-tool: build/qcow2-tool
+	ln -sf ../build/qcow2-tool $@
 
 man: plugin/nbdkit-qcow2-plugin.1 tools/qcow2-tool.1
 tools/qcow2-tool.1: tools/qcow2-tool.pod
@@ -173,3 +171,12 @@ serve: deps
 clean:
 	rm -rf build build-san build-fuzz plugin/nbdkit-qcow2-plugin.so plugin/nbdkit-qcow2-plugin.1
 	rm -f tools/qcow2-tool tools/qcow2-tool.1
+
+# ---- benchmarks (bench/run.py; see docs/BENCHMARKS.md) --------------------
+# make bench [QUICK=1] [BENCH_OUT=results.json] [BENCH_ARGS='--only randread']
+# Compares the plugin with qemu-nbd and nbdkit-file-plugin on a raw copy.
+.PHONY: bench
+bench: all
+	/usr/bin/python3 bench/run.py $(if $(filter 1 yes,$(QUICK)),--quick) \
+	  --plugin $(CURDIR)/plugin/nbdkit-qcow2-plugin.so \
+	  $(if $(BENCH_OUT),--output $(BENCH_OUT)) $(BENCH_ARGS)

@@ -452,7 +452,8 @@ create_locked (struct q2_image *img, const char *name)
   snaps = calloc (img->nb_snapshots + 1, sizeof *snaps);
   if (snaps == NULL)
     return q2_err (ENOMEM, "out of memory");
-  memcpy (snaps, img->snapshots, img->nb_snapshots * sizeof *snaps);
+  if (img->nb_snapshots)
+    memcpy (snaps, img->snapshots, img->nb_snapshots * sizeof *snaps);
   s = &snaps[img->nb_snapshots];
   next_id (img, id, sizeof id);
   clock_gettime (CLOCK_REALTIME, &now);
@@ -504,9 +505,11 @@ delete_locked (struct q2_image *img, const char *name_or_id)
     free (l1);
     return q2_err (ENOMEM, "out of memory");
   }
-  memcpy (snaps, img->snapshots, i * sizeof *snaps);
-  memcpy (snaps + i, img->snapshots + i + 1,
-          (img->nb_snapshots - i - 1) * sizeof *snaps);
+  if (i > 0)
+    memcpy (snaps, img->snapshots, i * sizeof *snaps);
+  if ((uint32_t) i + 1 < img->nb_snapshots)
+    memcpy (snaps + i, img->snapshots + i + 1,
+            (img->nb_snapshots - i - 1) * sizeof *snaps);
   if ((r = write_table (img, snaps, img->nb_snapshots - 1)) < 0) {
     free (snaps);
     free (l1);

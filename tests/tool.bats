@@ -1,0 +1,582 @@
+#!/usr/bin/env bats
+# qcow2-tool: create (every option, checked by QEMU), info, check and
+# repair of damaged images, map and snapshots, each compared with
+# qemu-img.
+
+bats_require_minimum_version 1.5.0
+load helpers
+
+if [ "${SANITIZE:-}" = 1 ]; then
+    TOOL="${QCOW2_TOOL:-$BATS_TEST_DIRNAME/../build-san/qcow2-tool}"
+else
+    TOOL="${QCOW2_TOOL:-$BATS_TEST_DIRNAME/../tools/qcow2-tool}"
+fi
+M=$((1024 * 1024))
+
+setup ()
+{
+    cd "$BATS_TEST_TMPDIR"
+}
+
+# qjson FILE EXPR...: evaluates python expressions on the parsed JSON
+# file (as j); prints each result.
+qjson ()
+{
+    /usr/bin/python3 -c '
+import json, sys
+j = json.load(open(sys.argv[1]))
+for e in sys.argv[2:]:
+    print(eval(e))' "$@"
+}
+
+# check_created IMG COMPAT CLUSTER RB EXTL2 CTYPE LAZY SIZE: QEMU agrees
+# with every option, the image is clean, and reads and writes in QEMU.
+check_created ()
+{
+    local img="$1" compat="$2" cs="$3" rb="$4" el2="$5" ct="$6" lazy="$7"
+    local size="$8" want got
+
+    qemu-img check -q "$img" ||
+        { echo "qemu-img check failed on a new image ($img)"; return 1; }
+    qemu-img info --output=json "$img" > info.json
+    "$TOOL" info --json "$img" > tinfo.json
+    if [ "$compat" = 1.1 ]; then
+        [ "$el2" = on ] && el2=true || el2=false
+        [ "$lazy" = on ] && lazy=true || lazy=false
+        want="1.1 $cs $rb $el2 $ct $lazy $size"
+        got="$(qjson info.json \
+            "j['format-specific']['data']['compat']" "j['cluster-size']" \
+            "j['format-specific']['data']['refcount-bits']" \
+            "str(j['format-specific']['data']['extended-l2']).lower()" \
+            "j['format-specific']['data']['compression-type']" \
+            "str(j['format-specific']['data']['lazy-refcounts']).lower()" \
+            "j['virtual-size']" | tr '\n' ' ')"
+    else
+        want="0.10 $cs $rb $size"
+        got="$(qjson info.json \
+            "j['format-specific']['data']['compat']" "j['cluster-size']" \
+            "j['format-specific']['data']['refcount-bits']" \
+            "j['virtual-size']" | tr '\n' ' ')"
+    fi
+    [ "$got" = "$want " ] ||
+        { echo "qemu-img info: got '$got', want '$want '"; return 1; }
+    # Our own info says the same as qemu-img info.
+    qjson info.json "{k: v for k, v in j.items() if k != 'actual-size'}" > a
+    qjson tinfo.json "{k: v for k, v in j.items() if k != 'actual-size'}" > b
+    diff a b || { echo "info --json differs from qemu-img info"; return 1; }
+
+    qemu-io -f qcow2 -c "write -P 0x33 0 1M" -c "read -P 0x33 0 1M" \
+        -c "write -P 0x44 $((size - 4096)) 4096" \
+        -c "read -P 0x44 $((size - 4096)) 4096" "$img" > qio.log ||
+        { cat qio.log; return 1; }
+    grep -q -i "fail\|error" qio.log && { cat qio.log; return 1; }
+    qemu-img check -q "$img" ||
+        { echo "qemu-img check failed after QEMU wrote ($img)"; return 1; }
+    "$TOOL" check -q "$img" ||
+        { echo "qcow2-tool check failed after QEMU wrote ($img)"; return 1; }
+}
+
+valid_combo ()
+{
+    local compat="$1" cs="$2" rb="$3" el2="$4" ct="$5" lazy="$6"
+    if [ "$compat" = 0.10 ]; then
+        [ "$rb" = 16 ] && [ "$el2" = off ] && [ "$ct" = zlib ] &&
+            [ "$lazy" = off ] || return 1
+    fi
+    if [ "$el2" = on ] && [ "$cs" -lt 16384 ]; then
+        return 1
+    fi
+    return 0
+}
+
+@test "tool: --help for the tool and each command; the man page" {
+    run "$TOOL" --help
+    [ "$status" -eq 0 ]
+    [[ "$output" == *create* ]]
+    for c in create info check map snapshot; do
+        run "$TOOL" "$c" --help
+        [ "$status" -eq 0 ]
+        [[ "$output" == *"Usage: qcow2-tool $c"* ]]
+    done
+    run "$TOOL" nosuchcommand
+    [ "$status" -eq 1 ]
+    podchecker "$BATS_TEST_DIRNAME/../tools/qcow2-tool.pod"
+}
+
+@test "tool create: every option combination is clean and correct in QEMU" {
+    local n=0 compat cs rb el2 ct lazy pa
+    local prealloc=(off metadata falloc full)
+    for compat in 0.10 1.1; do
+    for cs in 512 65536 2097152; do
+    for rb in 1 16 64; do
+    for el2 in off on; do
+    for ct in zlib zstd; do
+    for lazy in off on; do
+        valid_combo $compat $cs $rb $el2 $ct $lazy || continue
+        # Sample the preallocation modes, rotating through them.
+        pa="${prealloc[$((n % 4))]}"
+        n=$((n + 1))
+        rm -f img.qcow2
+        "$TOOL" create -q -o "compat=$compat,cluster_size=$cs,refcount_bits=$rb,extended_l2=$el2,compression_type=$ct,lazy_refcounts=$lazy,preallocation=$pa" \
+            img.qcow2 6M ||
+            { echo "create failed: $compat $cs $rb $el2 $ct $lazy $pa"; return 1; }
+        check_created img.qcow2 $compat $cs $rb $el2 $ct $lazy $((6 * M)) ||
+            { echo "combination: $compat $cs $rb $el2 $ct $lazy $pa"; return 1; }
+    done; done; done; done; done; done
+    echo "$n combinations" >&3
+    [ "$n" -ge 60 ]
+}
+
+@test "tool create: every preallocation mode with both compat levels" {
+    local compat cs pa el2
+    for compat in 0.10 1.1; do
+    for cs in 512 65536 2097152; do
+    for pa in off metadata falloc full; do
+        for el2 in off on; do
+            valid_combo $compat $cs 16 $el2 zlib off || continue
+            rm -f img.qcow2
+            "$TOOL" create -q -o "compat=$compat,cluster_size=$cs,preallocation=$pa,extended_l2=$el2" \
+                img.qcow2 5M
+            check_created img.qcow2 $compat $cs 16 $el2 zlib off $((5 * M)) ||
+                { echo "combination: $compat $cs $pa el2=$el2"; return 1; }
+            if [ "$pa" != off ]; then
+                # Every data cluster is allocated: the file covers them.
+                [ "$(stat -c %s img.qcow2)" -ge $((5 * M)) ]
+            fi
+        done
+    done; done; done
+}
+
+@test "tool create: a fresh image is byte-identical to qemu-img's" {
+    for o in compat=1.1 compat=0.10 cluster_size=512 \
+             cluster_size=2M,refcount_bits=1 \
+             refcount_bits=64,extended_l2=on,compression_type=zstd,lazy_refcounts=on \
+             preallocation=metadata; do
+        rm -f a.qcow2 b.qcow2
+        "$TOOL" create -q -o "$o" a.qcow2 100M
+        qemu-img create -q -f qcow2 -o "$o" b.qcow2 100M
+        cmp a.qcow2 b.qcow2 || { echo "differs with -o $o"; return 1; }
+    done
+}
+
+@test "tool create: sizes with suffixes, rounded up to 512" {
+    "$TOOL" create -q a.qcow2 1000
+    [ "$(qemu-img info --output=json a.qcow2 | qjson /dev/stdin "j['virtual-size']")" = 1024 ]
+    "$TOOL" create -q b.qcow2 1.5G
+    [ "$(qemu-img info --output=json b.qcow2 | qjson /dev/stdin "j['virtual-size']")" = $((1536 * M)) ]
+    "$TOOL" create -q c.qcow2 2T
+    qemu-img check -q c.qcow2
+    "$TOOL" create -q d.qcow2 0
+    qemu-img check -q d.qcow2
+    run "$TOOL" create -q e.qcow2 12Q
+    [ "$status" -eq 1 ]
+}
+
+@test "tool create: invalid combinations are refused like qemu-img" {
+    local o
+    for o in compat=0.10,refcount_bits=8 compat=0.10,lazy_refcounts=on \
+             compat=0.10,extended_l2=on compat=0.10,compression_type=zstd \
+             cluster_size=8k,extended_l2=on cluster_size=1000 \
+             cluster_size=4M cluster_size=256 refcount_bits=3 \
+             refcount_bits=128 compat=0.11 preallocation=sparse \
+             extended_l2=maybe nosuchoption=1; do
+        run -1 "$TOOL" create -q -o "$o" bad.qcow2 1M
+        run ! qemu-img create -q -f qcow2 -o "$o" bad2.qcow2 1M
+    done
+    qemu-img create -q -f qcow2 base.qcow2 1M
+    run -1 "$TOOL" create -q -o preallocation=metadata -b base.qcow2 -F qcow2 bad.qcow2 1M
+    [[ "$output" == *extended_l2* ]]
+    run -1 "$TOOL" create -q -F qcow2 bad.qcow2 1M
+    run -1 "$TOOL" create -q bad.qcow2
+}
+
+@test "tool create: backing file, format, relative names and the chain" {
+    mkdir -p d/sub
+    qemu-img create -q -f raw d/base.raw 3M
+    qemu-io -f raw -c "write -P 0x61 0 1M" d/base.raw > /dev/null
+    "$TOOL" create -q -b base.raw -F raw d/mid.qcow2
+    "$TOOL" create -q -o cluster_size=4096 -b ../mid.qcow2 -F qcow2 d/sub/top.qcow2 4M
+    qemu-img check -q d/mid.qcow2
+    qemu-img check -q d/sub/top.qcow2
+
+    qemu-img info --output=json d/mid.qcow2 > mid.json
+    [ "$(qjson mid.json "j['backing-filename']" "j['backing-filename-format']" "j['virtual-size']" | tr '\n' ' ')" = "base.raw raw $((3 * M)) " ]
+    qemu-img info --output=json d/sub/top.qcow2 > top.json
+    [ "$(qjson top.json "j['backing-filename']" "j['backing-filename-format']" | tr '\n' ' ')" = "../mid.qcow2 qcow2 " ]
+
+    # Reads through the chain; writes on top do not touch the base.
+    qemu-io -c "write -P 0x62 512k 4k" d/sub/top.qcow2 > /dev/null
+    run qemu-io -c "read -P 0x61 0 512k" -c "read -P 0x62 512k 4k" \
+        -c "read -P 0x61 $((516 * 1024)) $((508 * 1024))" \
+        -c "read -P 0 1M 2M" -c "read -P 0 3M 1M" d/sub/top.qcow2
+    [ "$status" -eq 0 ]
+    [[ "$output" != *fail* ]]
+    run qemu-io -f raw -c "read -P 0x61 512k 4k" d/base.raw
+    [[ "$output" != *fail* ]]
+
+    # The whole chain in info.
+    run "$TOOL" info d/sub/top.qcow2
+    [ "$status" -eq 0 ]
+    [[ "$output" == *"backing file: ../mid.qcow2"* ]]
+    [[ "$output" == *"backing file format: qcow2"* ]]
+    [[ "$output" == *"d/sub/../mid.qcow2 (qcow2)"* ]]
+    [[ "$output" == *"base.raw (raw)"* ]]
+    qemu-img info --output=json --backing-chain d/sub/top.qcow2 > q.json
+    "$TOOL" info --json --backing-chain d/sub/top.qcow2 > t.json
+    qjson q.json "[{k: v for k, v in l.items() if k != 'actual-size'} for l in j]" > a
+    qjson t.json "[{k: v for k, v in l.items() if k != 'actual-size'} for l in j]" > b
+    diff a b
+
+    # A missing backing file is refused, unless -u.
+    run -1 "$TOOL" create -q -b nosuch.qcow2 -F qcow2 bad.qcow2 1M
+    [ ! -e bad.qcow2 ] || [ ! -s bad.qcow2 ]
+    "$TOOL" create -q -u -b nosuch.qcow2 -F qcow2 unsafe.qcow2 1M
+    [ "$(qemu-img info -U --output=json unsafe.qcow2 2>/dev/null | qjson /dev/stdin "j['backing-filename']")" = nosuch.qcow2 ] ||
+        [ "$(qemu-img info --output=json --force-share unsafe.qcow2 2>/dev/null | qjson /dev/stdin "j['backing-filename']")" = nosuch.qcow2 ] ||
+        xxd unsafe.qcow2 | grep -q nosuch
+
+    # Without -F the probed format is recorded.
+    "$TOOL" create -q -b d/mid.qcow2 probed.qcow2
+    [ "$(qemu-img info --output=json probed.qcow2 | qjson /dev/stdin "j['backing-filename-format']")" = qcow2 ]
+
+    # Extended L2 with preallocation keeps reading from the backing file.
+    "$TOOL" create -q -o extended_l2=on,preallocation=metadata -b d/mid.qcow2 -F qcow2 pre.qcow2
+    qemu-img check -q pre.qcow2
+    run qemu-io -c "read -P 0x61 0 1M" -c "read -P 0 1M 2M" pre.qcow2
+    [[ "$output" != *fail* ]]
+}
+
+# A chain with data, zeros, compressed clusters and subclusters.
+build_map_images ()
+{
+    qemu-img create -q -f raw r.raw 2M
+    qemu-io -f raw -c "write -P 1 0 64k" r.raw > /dev/null
+    "$TOOL" create -q -b r.raw -F raw m.qcow2 4M
+    "$TOOL" create -q -b m.qcow2 -F qcow2 t.qcow2 4M
+    qemu-io -c "write -P 2 128k 64k" -c "write -z 256k 64k" \
+        -c "write -c -P 3 384k 64k" m.qcow2 > /dev/null
+    qemu-io -c "write -P 4 512k 64k" -c "write -z 640k 64k" \
+        -c "write -P 5 700k 200k" t.qcow2 > /dev/null
+    "$TOOL" create -q -o extended_l2=on,cluster_size=32k -b m.qcow2 -F qcow2 x.qcow2 4M
+    qemu-io -c "write -P 6 1k 3k" -c "write -z 40k 2k" -c "write -P 7 100k 50k" \
+        -c "write -z -u 1M 64k" x.qcow2 > /dev/null
+    "$TOOL" create -q -o cluster_size=512 s.qcow2 1M
+    qemu-io -c "write -P 8 0 3k" -c "write -P 9 8k 1k" -c "write -z 4k 1k" \
+        -c "write -P 9 9k 2k" s.qcow2 > /dev/null
+}
+
+# map_json IMG CMD...: the map with only the compared keys.
+norm_map ()
+{
+    /usr/bin/python3 -c '
+import json, sys
+for e in json.load(sys.stdin):
+    print(e["start"], e["length"], e["depth"], e["present"], e["zero"],
+          e["data"], e.get("offset"))'
+}
+
+@test "tool map: --json matches qemu-img map --output=json" {
+    build_map_images
+    local img
+    for img in t.qcow2 m.qcow2 x.qcow2 s.qcow2; do
+        qemu-img map --output=json "$img" | norm_map > q.txt
+        "$TOOL" map --json "$img" | norm_map > t.txt
+        diff q.txt t.txt || { echo "map of $img differs"; return 1; }
+    done
+}
+
+@test "tool map: the human format matches qemu-img map" {
+    build_map_images
+    "$TOOL" create -q -o cluster_size=16k -b r.raw -F raw y.qcow2 4M
+    qemu-io -c "write -P 4 512k 64k" -c "write -z 640k 64k" \
+        -c "write -P 5 700k 200k" y.qcow2 > /dev/null
+    local img
+    for img in s.qcow2 y.qcow2; do
+        qemu-img map "$img" > q.txt
+        "$TOOL" map "$img" > t.txt
+        diff q.txt t.txt || { echo "map of $img differs"; return 1; }
+    done
+    # Compressed clusters cannot be shown as offsets.
+    run -1 "$TOOL" map t.qcow2
+    [[ "$output" == *"compressed clusters"* ]]
+}
+
+@test "tool info: text and --json agree with qemu-img info" {
+    build_map_images
+    local img
+    for img in t.qcow2 x.qcow2 s.qcow2; do
+        qemu-img info --output=json "$img" > q.json
+        "$TOOL" info --json "$img" > t.json
+        qjson q.json "{k: v for k, v in j.items() if k != 'actual-size'}" > a
+        qjson t.json "{k: v for k, v in j.items() if k != 'actual-size'}" > b
+        diff a b || { echo "info of $img differs"; return 1; }
+    done
+    "$TOOL" create -q -o compat=0.10 v2.qcow2 1G
+    qemu-img info --output=json v2.qcow2 > q.json
+    "$TOOL" info --json v2.qcow2 > t.json
+    qjson q.json "{k: v for k, v in j.items() if k != 'actual-size'}" > a
+    qjson t.json "{k: v for k, v in j.items() if k != 'actual-size'}" > b
+    diff a b
+    run "$TOOL" info x.qcow2
+    [ "$status" -eq 0 ]
+    [[ "$output" == *"file format: qcow2"* ]]
+    [[ "$output" == *"virtual size: 4 MiB (4194304 bytes)"* ]]
+    [[ "$output" == *"cluster_size: 32768"* ]]
+    [[ "$output" == *"extended l2: true"* ]]
+    [[ "$output" == *"compat: 1.1"* ]]
+}
+
+# patch IMG OFFSET FORMAT VALUE: writes a big-endian value (a python
+# expression) into the file.
+patch ()
+{
+    /usr/bin/python3 -c '
+import struct, sys
+path, off, fmt, val = sys.argv[1], int(sys.argv[2], 0), sys.argv[3], eval(sys.argv[4])
+with open(path, "r+b") as f:
+    f.seek(off)
+    f.write(struct.pack(">" + fmt, val))' "$@"
+}
+
+# read_be IMG OFFSET FORMAT
+read_be ()
+{
+    /usr/bin/python3 -c '
+import struct, sys
+path, off, fmt = sys.argv[1], int(sys.argv[2], 0), sys.argv[3]
+with open(path, "rb") as f:
+    f.seek(off)
+    print(struct.unpack(">" + fmt, f.read(struct.calcsize(fmt)))[0])' "$@"
+}
+
+# A 64k-cluster image: header 0, reftable 1, refblock 2 (16-bit
+# entries at 0x20000), L1 3, L2 4, data 5 and 6, cluster 7 free.
+make_damage_base ()
+{
+    "$TOOL" create -q "$1" 4M
+    qemu-io -c "write -P 0x55 0 192k" -c "discard 128k 64k" "$1" > /dev/null
+    qemu-img check -q "$1"
+    [ "$(read_be "$1" $((0x20000 + 2 * 7)) H)" = 0 ]
+}
+
+# same_check_status IMG: our check exits like qemu-img check; sets
+# $check_status.
+same_check_status ()
+{
+    local q
+    run qemu-img check "$1"
+    q=$status
+    run "$TOOL" check "$1"
+    check_status=$status
+    echo "qemu-img check: $q, qcow2-tool check: $check_status"
+    [ "$q" -eq "$check_status" ]
+}
+
+@test "tool check: a clean image, text and --json" {
+    make_damage_base a.qcow2
+    run "$TOOL" check a.qcow2
+    [ "$status" -eq 0 ]
+    [[ "$output" == *"No errors were found on the image."* ]]
+    [[ "$output" == *"Image end offset: 458752"* ]]
+    "$TOOL" check --json a.qcow2 > t.json
+    qemu-img check --output=json a.qcow2 > q.json
+    [ "$(qjson t.json "j['check-errors']" "j['leaks']" "j['corruptions']" "j['image-end-offset']" "j['format']" "j['filename']" | tr '\n' ' ')" = "0 0 0 458752 qcow2 a.qcow2 " ]
+    [ "$(qjson q.json "j['image-end-offset']" "j['total-clusters']" "j.get('allocated-clusters')")" = "$(qjson t.json "j['image-end-offset']" "j['total-clusters']" "j.get('allocated-clusters')")" ]
+}
+
+@test "tool check: a leaked cluster, then -r leaks" {
+    make_damage_base a.qcow2
+    # The free cluster 7 gets refcount 1.
+    patch a.qcow2 $((0x20000 + 2 * 7)) H 1
+    run -3 qemu-img check a.qcow2
+    run -3 "$TOOL" check a.qcow2
+    [[ "$output" == *"Leaked cluster 7 refcount=1 reference=0"* ]]
+    [[ "$output" == *"1 leaked clusters were found on the image."* ]]
+    [[ "$output" == *"This means waste of disk space, but no harm to data."* ]]
+    "$TOOL" check --json a.qcow2 > t.json || true
+    [ "$(qjson t.json "j['leaks']" "j['corruptions']")" = "$(printf '1\n0')" ]
+    run -0 "$TOOL" check -r leaks a.qcow2
+    [[ "$output" == *"Repairing cluster 7 refcount=1 reference=0"* ]]
+    [[ "$output" == *"The following inconsistencies were found and repaired:"* ]]
+    [[ "$output" == *"No errors were found on the image."* ]]
+    qemu-img check a.qcow2
+    [ "$(read_be a.qcow2 $((0x20000 + 2 * 7)) H)" = 0 ]
+
+    # An L2 table with one reference too many is a leak and a COPIED
+    # error (a corruption) for both tools; fixing the leak fixes both.
+    patch a.qcow2 $((0x20000 + 2 * 4)) H 2
+    same_check_status a.qcow2
+    [ "$check_status" = 2 ]
+    cp a.qcow2 b.qcow2
+    run -0 "$TOOL" check -r leaks a.qcow2
+    qemu-img check a.qcow2
+    run -0 "$TOOL" check -r all b.qcow2
+    qemu-img check b.qcow2
+}
+
+@test "tool check: a data cluster leaked with refcount_bits=1 and 64" {
+    local rb
+    for rb in 1 64; do
+        rm -f a.qcow2
+        "$TOOL" create -q -o refcount_bits=$rb a.qcow2 4M
+        qemu-io -c "write -P 0x55 0 64k" -c "write -P 0x55 1M 64k" \
+            -c "discard 1M 64k" a.qcow2 > /dev/null
+        # A refcount for the first free cluster past the data.
+        if [ $rb = 1 ]; then
+            patch a.qcow2 $((0x20000)) B 0xff
+        else
+            patch a.qcow2 $((0x20000 + 8 * 6)) Q 1
+        fi
+        same_check_status a.qcow2
+        [ "$check_status" = 3 ]
+        "$TOOL" check -r leaks a.qcow2
+        qemu-img check a.qcow2
+    done
+}
+
+@test "tool check: a used cluster with refcount 0 is a corruption; -r all" {
+    make_damage_base a.qcow2
+    # The data cluster 5: refcount 1 -> 0.
+    patch a.qcow2 $((0x20000 + 2 * 5)) H 0
+    run -2 qemu-img check a.qcow2
+    run -2 "$TOOL" check a.qcow2
+    [[ "$output" == *"ERROR cluster 5 refcount=0 reference=1"* ]]
+    [[ "$output" == *"ERROR OFLAG_COPIED data cluster"* ]]
+    [[ "$output" == *"errors were found on the image."* ]]
+    # -r leaks cannot fix it.
+    run -2 "$TOOL" check -r leaks a.qcow2
+    run -0 "$TOOL" check -r all a.qcow2
+    [[ "$output" == *"Rebuilding refcount structure"* ]]
+    [[ "$output" == *"No errors were found on the image."* ]]
+    qemu-img check a.qcow2
+    run qemu-io -c "read -P 0x55 0 128k" a.qcow2
+    [[ "$output" != *fail* ]]
+}
+
+@test "tool check: COPIED cleared on an owned cluster; -r all" {
+    make_damage_base a.qcow2
+    # L2 entry 0 (at cluster 4) loses COPIED.
+    local e
+    e="$(read_be a.qcow2 $((0x40000)) Q)"
+    patch a.qcow2 $((0x40000)) Q "$e & ~(1 << 63)"
+    run -2 qemu-img check a.qcow2
+    run -2 "$TOOL" check a.qcow2
+    [[ "$output" == *"ERROR OFLAG_COPIED data cluster: l2_entry=50000 refcount=1"* ]]
+    run -0 "$TOOL" check -r all a.qcow2
+    qemu-img check a.qcow2
+    [ "$(read_be a.qcow2 $((0x40000)) Q)" = "$e" ]
+
+    # The same on the L1 entry.
+    e="$(read_be a.qcow2 $((0x30000)) Q)"
+    patch a.qcow2 $((0x30000)) Q "$e & ~(1 << 63)"
+    run -2 qemu-img check a.qcow2
+    run -2 "$TOOL" check a.qcow2
+    [[ "$output" == *"ERROR OFLAG_COPIED L2 cluster: l1_index=0"* ]]
+    run -0 "$TOOL" check -r all a.qcow2
+    qemu-img check a.qcow2
+}
+
+@test "tool check: leak and corruption together; the corrupt bit is cleared" {
+    make_damage_base a.qcow2
+    cp a.qcow2 b.qcow2
+    patch a.qcow2 $((0x20000 + 2 * 6)) H 3
+    patch a.qcow2 $((0x20000 + 2 * 1)) H 0
+    # Mark it corrupt, as QEMU does when it finds metadata damage.
+    patch a.qcow2 72 Q 2
+    same_check_status a.qcow2
+    run -2 "$TOOL" check a.qcow2
+    run -0 "$TOOL" check -r all a.qcow2
+    [[ "$output" == *"leaked clusters"* ]]
+    qemu-img check a.qcow2
+    [ "$(qemu-img info --output=json a.qcow2 | qjson /dev/stdin "j['format-specific']['data']['corrupt']")" = False ]
+    qemu-io -c "write -P 0x66 0 64k" -c "read -P 0x66 0 64k" a.qcow2 | grep -v fail
+}
+
+@test "tool check: invalid L2 entries and offsets past the end of the file" {
+    make_damage_base a.qcow2
+    cp a.qcow2 b.qcow2
+    # An L2 entry pointing past the end of the file.
+    patch a.qcow2 $((0x40008)) Q "(1 << 63) | 0x10000000"
+    run -2 "$TOOL" check a.qcow2
+    [[ "$output" == *"past the end"* ]]
+    run qemu-img check a.qcow2
+    [ "$status" -ne 0 ]
+    # Reserved bits in an L2 entry.
+    patch b.qcow2 $((0x40008)) Q "(1 << 63) | 0x60000 | 0x2"
+    run -2 "$TOOL" check b.qcow2
+    [[ "$output" == *"reserved bits"* ]]
+}
+
+@test "tool check: a dirty image with lazy refcounts, then -r all" {
+    "$TOOL" create -q -o lazy_refcounts=on a.qcow2 4M
+    # QEMU dies without updating the refcounts.
+    qemu-io -c "write -P 0x77 0 256k" -c abort a.qcow2 > /dev/null 2>&1 || true
+    [ "$(qemu-img info -U --output=json a.qcow2 | qjson /dev/stdin "j['dirty-flag']")" = True ]
+    same_check_status a.qcow2
+    run -0 "$TOOL" check -r all a.qcow2
+    qemu-img check a.qcow2
+    [ "$(qemu-img info --output=json a.qcow2 | qjson /dev/stdin "j['dirty-flag']")" = False ]
+    run qemu-io -c "read -P 0x77 0 256k" a.qcow2
+    [[ "$output" != *fail* ]]
+}
+
+@test "tool check: an image QEMU wrote a lot to is clean in both tools" {
+    "$TOOL" create -q -o cluster_size=4096,refcount_bits=4 a.qcow2 64M
+    qemu-io -c "write -P 1 0 8M" -c "write -c -P 2 8M 64k" -c "write -z 1M 1M" \
+        -c "discard 2M 1M" -c "write -P 3 40M 10M" a.qcow2 > /dev/null
+    qemu-img check a.qcow2
+    "$TOOL" check a.qcow2
+    "$TOOL" check --json a.qcow2 > t.json
+    qemu-img check --output=json a.qcow2 > q.json
+    [ "$(qjson q.json "j['image-end-offset']" "j.get('allocated-clusters')" "j.get('compressed-clusters', 0)")" = \
+      "$(qjson t.json "j['image-end-offset']" "j.get('allocated-clusters')" "j.get('compressed-clusters', 0)")" ]
+}
+
+@test "tool check: not a qcow2 image" {
+    qemu-img create -q -f raw r.raw 1M
+    run -1 "$TOOL" check r.raw
+}
+
+# ---- snapshots ----
+
+@test "tool snapshot: -l lists what qemu-img created" {
+    "$TOOL" create -q a.qcow2 4M
+    qemu-io -c "write -P 1 0 64k" a.qcow2 > /dev/null
+    qemu-img snapshot -c first a.qcow2
+    qemu-img snapshot -c second a.qcow2
+    run -0 "$TOOL" snapshot -l a.qcow2
+    [[ "$output" == *"Snapshot list:"* ]]
+    [[ "$output" == *"first"* ]]
+    [[ "$output" == *"second"* ]]
+    # The same lines as qemu-img (dates in the same time zone).
+    diff <(qemu-img snapshot -l a.qcow2) <("$TOOL" snapshot -l a.qcow2)
+    qemu-img info --output=json a.qcow2 > q.json
+    "$TOOL" info --json a.qcow2 > t.json
+    [ "$(qjson q.json "j['snapshots']")" = "$(qjson t.json "j['snapshots']")" ]
+    run -0 "$TOOL" check a.qcow2
+}
+
+@test "tool snapshot: -c, -a and -d, checked by qemu-img" {
+    "$TOOL" create -q a.qcow2 4M
+    qemu-io -c "write -P 1 0 64k" a.qcow2 > /dev/null
+    run -0 "$TOOL" snapshot -c snap1 a.qcow2
+    qemu-img check a.qcow2
+    run -0 qemu-img snapshot -l a.qcow2
+    [[ "$output" == *snap1* ]]
+
+    qemu-io -c "write -P 2 0 64k" -c "write -P 2 1M 64k" a.qcow2 > /dev/null
+    run -0 "$TOOL" snapshot -a snap1 a.qcow2
+    qemu-img check a.qcow2
+    run qemu-io -c "read -P 1 0 64k" -c "read -P 0 1M 64k" a.qcow2
+    [[ "$output" != *fail* ]]
+
+    run -0 "$TOOL" snapshot -c snap2 a.qcow2
+    run -0 "$TOOL" snapshot -d snap1 a.qcow2
+    qemu-img check a.qcow2
+    run -0 qemu-img snapshot -l a.qcow2
+    [[ "$output" != *snap1* ]]
+    [[ "$output" == *snap2* ]]
+    run -1 "$TOOL" snapshot -a nosuch a.qcow2
+    run -1 "$TOOL" snapshot -d nosuch a.qcow2
+    run -1 "$TOOL" snapshot -l -c x a.qcow2
+}

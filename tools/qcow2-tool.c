@@ -1,0 +1,221 @@
+/* qcow2-tool: create, inspect, check, map and snapshot qcow2 images
+ * with the qcow2core engine.  Options and output follow qemu-img. */
+#include <ctype.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tool.h"
+
+static const char usage_text[] =
+  "Usage: qcow2-tool COMMAND [OPTIONS] ...\n"
+  "\n"
+  "Commands:\n"
+  "  create [-q] [-u] [-f qcow2] [-o OPTIONS] [-b BACKING [-F FMT]] IMG [SIZE]\n"
+  "  info [--json] [--backing-chain] IMG\n"
+  "  check [-q] [-r leaks|all] [--json] IMG\n"
+  "  map [--json] IMG\n"
+  "  snapshot -l | -c NAME | -a NAME | -d NAME IMG\n"
+  "\n"
+  "Run 'qcow2-tool COMMAND --help' for the options of a command.\n";
+
+void
+tool_error (const char *fmt, ...)
+{
+  va_list ap;
+
+  fputs ("qcow2-tool: ", stderr);
+  va_start (ap, fmt);
+  vfprintf (stderr, fmt, ap);
+  va_end (ap);
+  fputc ('\n', stderr);
+}
+
+void
+tool_core_error (const char *what)
+{
+  if (what)
+    tool_error ("%s: %s", what, q2_last_error ());
+  else
+    tool_error ("%s", q2_last_error ());
+}
+
+bool
+wants_help (int argc, char **argv)
+{
+  int i;
+
+  for (i = 1; i < argc; i++) {
+    if (strcmp (argv[i], "--") == 0)
+      break;
+    if (strcmp (argv[i], "--help") == 0 || strcmp (argv[i], "-h") == 0)
+      return true;
+  }
+  return false;
+}
+
+bool
+parse_size (const char *s, uint64_t *out)
+{
+  static const char suffixes[] = "BKMGTPE";
+  const char *p;
+  char *end;
+  double frac = 0;
+  uint64_t whole, mult = 1;
+  int i;
+
+  if (!isdigit ((unsigned char) s[0]))
+    return false;
+  errno = 0;
+  whole = strtoull (s, &end, 10);
+  if (errno)
+    return false;
+  if (*end == '.') {
+    frac = strtod (end, &end);
+    if (frac != frac)
+      return false;
+  }
+  if (*end) {
+    p = strchr (suffixes, toupper ((unsigned char) *end));
+    if (p == NULL)
+      return false;
+    for (i = 0; i < p - suffixes; i++)
+      mult *= 1024;
+    end++;
+    if (p != suffixes && (*end == 'B' || *end == 'b') && end[1] == '\0')
+      end++;
+    if (*end)
+      return false;
+  }
+  if (whole > UINT64_MAX / mult)
+    return false;
+  *out = whole * mult + (uint64_t) (frac * (double) mult);
+  return true;
+}
+
+bool
+parse_bool (const char *s, bool *out)
+{
+  if (strcmp (s, "on") == 0 || strcmp (s, "yes") == 0 ||
+      strcmp (s, "true") == 0) {
+    *out = true;
+    return true;
+  }
+  if (strcmp (s, "off") == 0 || strcmp (s, "no") == 0 ||
+      strcmp (s, "false") == 0) {
+    *out = false;
+    return true;
+  }
+  return false;
+}
+
+void
+format_size (uint64_t v, char *buf, size_t len)
+{
+  static const char *const units[] = { "", "Ki", "Mi", "Gi", "Ti", "Pi",
+                                       "Ei" };
+  unsigned i = 0;
+
+  /* The unit is the largest whose value is at least 1000 of the one
+   * below (what qemu computes with frexp). */
+  while (i < 6 && (double) v >= 1000.0 * (double) (1ULL << (10 * i)))
+    i++;
+  snprintf (buf, len, "%0.3g %sB", (double) v / (double) (1ULL << (10 * i)),
+            units[i]);
+}
+
+void
+json_string (FILE *f, const char *s)
+{
+  fputc ('"', f);
+  for (; *s; s++) {
+    unsigned char c = *s;
+    if (c == '"' || c == '\\')
+      fprintf (f, "\\%c", c);
+    else if (c == '\n')
+      fputs ("\\n", f);
+    else if (c == '\t')
+      fputs ("\\t", f);
+    else if (c < 0x20)
+      fprintf (f, "\\u%04x", c);
+    else
+      fputc (c, f);
+  }
+  fputc ('"', f);
+}
+
+struct q2_image *
+open_image (const char *path, bool writable)
+{
+  struct q2_open_opts opts = { .readonly = true, .locking = true };
+  struct q2_image *img;
+
+  if (q2_open (path, &opts, &img) < 0) {
+    tool_error ("Could not open '%s': %s", path, q2_last_error ());
+    return NULL;
+  }
+  if (writable && q2_make_writable (img) < 0) {
+    tool_error ("Could not open '%s' read-write: %s", path,
+                q2_last_error ());
+    q2_close (img);
+    return NULL;
+  }
+  return img;
+}
+
+char *
+combine_backing_name (const char *parent, const char *backing)
+{
+  const char *slash = strrchr (parent, '/');
+  size_t dir_len;
+  char *s;
+
+  if (backing[0] == '/' || slash == NULL)
+    return strdup (backing);
+  dir_len = slash - parent + 1;
+  s = malloc (dir_len + strlen (backing) + 1);
+  if (s) {
+    memcpy (s, parent, dir_len);
+    strcpy (s + dir_len, backing);
+  }
+  return s;
+}
+
+static const struct {
+  const char *name;
+  int (*fn) (int argc, char **argv);
+} commands[] = {
+  { "create", cmd_create },
+  { "info", cmd_info },
+  { "check", cmd_check },
+  { "map", cmd_map },
+  { "snapshot", cmd_snapshot },
+};
+
+int
+main (int argc, char **argv)
+{
+  size_t i;
+
+  if (argc < 2) {
+    fputs (usage_text, stderr);
+    return EXIT_FAIL;
+  }
+  if (strcmp (argv[1], "--help") == 0 || strcmp (argv[1], "-h") == 0 ||
+      strcmp (argv[1], "help") == 0) {
+    fputs (usage_text, stdout);
+    return 0;
+  }
+  if (strcmp (argv[1], "--version") == 0 || strcmp (argv[1], "-V") == 0) {
+    printf ("qcow2-tool (nbdkit-qcow2)\n");
+    return 0;
+  }
+  for (i = 0; i < sizeof commands / sizeof commands[0]; i++)
+    if (strcmp (argv[1], commands[i].name) == 0)
+      return commands[i].fn (argc - 1, argv + 1);
+  tool_error ("unknown command '%s'", argv[1]);
+  fputs (usage_text, stderr);
+  return EXIT_FAIL;
+}

@@ -1,0 +1,190 @@
+/* qcow2-tool check: consistency check and repair, with qemu-img check's
+ * messages and exit codes. */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "tool.h"
+
+/* qemu-img check's exit codes. */
+#define CHECK_CLEAN 0
+#define CHECK_FAILED 1
+#define CHECK_CORRUPT 2
+#define CHECK_LEAKS 3
+#define CHECK_UNSUPPORTED 63
+
+static const char check_help[] =
+  "Usage: qcow2-tool check [-q] [-r leaks|all] [--json] IMG\n"
+  "\n"
+  "Compares the refcount of every cluster with the references to it and\n"
+  "checks the COPIED flags of the active L1 and L2 tables.\n"
+  "\n"
+  "  -r leaks   drop the refcounts of leaked clusters\n"
+  "  -r all     also rebuild the refcount structures to fix corruptions\n"
+  "  --json     print the result as qemu-img check --output=json does\n"
+  "  -q         quiet\n"
+  "\n"
+  "Exit status: 0 no errors, 1 the check could not complete, 2 corruptions,\n"
+  "3 leaked clusters only, 63 the image cannot be checked.\n";
+
+static void
+report_line (void *opaque, const char *msg)
+{
+  bool *quiet = opaque;
+
+  if (!*quiet)
+    fprintf (stderr, "%s\n", msg);
+}
+
+static void
+print_human (const struct q2_check_result *r)
+{
+  if (r->leaks_fixed || r->corruptions_fixed)
+    printf ("The following inconsistencies were found and repaired:\n\n"
+            "    %" PRIu64 " leaked clusters\n"
+            "    %" PRIu64 " corruptions\n\n"
+            "Double checking the fixed image now...\n",
+            r->leaks_fixed, r->corruptions_fixed);
+  if (r->corruptions == 0 && r->leaks == 0 && r->check_errors == 0)
+    printf ("No errors were found on the image.\n");
+  else {
+    if (r->corruptions)
+      printf ("\n%" PRIu64 " errors were found on the image.\n"
+              "Data may be corrupted, or further writes to the image may "
+              "corrupt it.\n", r->corruptions);
+    if (r->leaks)
+      printf ("\n%" PRIu64 " leaked clusters were found on the image.\n"
+              "This means waste of disk space, but no harm to data.\n",
+              r->leaks);
+    if (r->check_errors)
+      printf ("\n%" PRIu64 " internal errors have occurred during the "
+              "check.\n", r->check_errors);
+  }
+  if (r->total_clusters && r->allocated_clusters)
+    printf ("%" PRIu64 "/%" PRIu64 " = %0.2f%% allocated, %0.2f%% "
+            "fragmented, %0.2f%% compressed clusters\n",
+            r->allocated_clusters, r->total_clusters,
+            r->allocated_clusters * 100.0 / r->total_clusters,
+            r->fragmented_clusters * 100.0 / r->allocated_clusters,
+            r->compressed_clusters * 100.0 / r->allocated_clusters);
+  if (r->image_end_offset)
+    printf ("Image end offset: %" PRIu64 "\n", r->image_end_offset);
+}
+
+static void
+print_json (const struct q2_check_result *r, const char *filename)
+{
+  printf ("{\n");
+  if (r->image_end_offset)
+    printf ("    \"image-end-offset\": %" PRIu64 ",\n", r->image_end_offset);
+  printf ("    \"total-clusters\": %" PRIu64 ",\n", r->total_clusters);
+  printf ("    \"check-errors\": %" PRIu64 ",\n", r->check_errors);
+  printf ("    \"leaks\": %" PRIu64 ",\n", r->leaks);
+  printf ("    \"corruptions\": %" PRIu64 ",\n", r->corruptions);
+  if (r->leaks_fixed)
+    printf ("    \"leaks-fixed\": %" PRIu64 ",\n", r->leaks_fixed);
+  if (r->corruptions_fixed)
+    printf ("    \"corruptions-fixed\": %" PRIu64 ",\n",
+            r->corruptions_fixed);
+  printf ("    \"allocated-clusters\": %" PRIu64 ",\n",
+          r->allocated_clusters);
+  printf ("    \"fragmented-clusters\": %" PRIu64 ",\n",
+          r->fragmented_clusters);
+  printf ("    \"compressed-clusters\": %" PRIu64 ",\n",
+          r->compressed_clusters);
+  printf ("    \"filename\": ");
+  json_string (stdout, filename);
+  printf (",\n    \"format\": \"qcow2\"\n}\n");
+}
+
+static int
+parse_repair (const char *s, int *mode)
+{
+  if (strcmp (s, "leaks") == 0)
+    *mode = Q2_REPAIR_LEAKS;
+  else if (strcmp (s, "all") == 0)
+    *mode = Q2_REPAIR_ALL;
+  else {
+    tool_error ("-r: unknown repair mode '%s' (use leaks or all)", s);
+    return -1;
+  }
+  return 0;
+}
+
+int
+cmd_check (int argc, char **argv)
+{
+  static const struct option long_opts[] = {
+    { "json", no_argument, NULL, 'j' },
+    { "output", required_argument, NULL, 'O' },
+    { "repair", required_argument, NULL, 'r' },
+    { "help", no_argument, NULL, 'h' },
+    { NULL, 0, NULL, 0 },
+  };
+  struct q2_check_result res;
+  bool json = false, quiet = false;
+  int mode = Q2_REPAIR_NONE, c, r;
+  struct q2_image *img;
+  const char *path;
+
+  if (wants_help (argc, argv)) {
+    fputs (check_help, stdout);
+    return 0;
+  }
+  optind = 1;
+  while ((c = getopt_long (argc, argv, "+qr:f:", long_opts, NULL)) != -1) {
+    switch (c) {
+    case 'j': json = true; break;
+    case 'q': quiet = true; break;
+    case 'f': break;
+    case 'O':
+      json = strcmp (optarg, "json") == 0;
+      break;
+    case 'r':
+      if (parse_repair (optarg, &mode) < 0)
+        return CHECK_FAILED;
+      break;
+    default:
+      fputs (check_help, stderr);
+      return CHECK_FAILED;
+    }
+  }
+  if (argc - optind != 1) {
+    tool_error ("check: expecting one image");
+    return CHECK_FAILED;
+  }
+  path = argv[optind];
+  img = open_image (path, false);
+  if (img == NULL)
+    return CHECK_FAILED;
+
+  memset (&res, 0, sizeof res);
+  res.report = report_line;
+  res.opaque = &quiet;
+  r = q2_check (img, mode, &res);
+  if (r == -ENOTSUP) {
+    tool_core_error ("This image format does not support checks");
+    q2_close (img);
+    return CHECK_UNSUPPORTED;
+  }
+  if (r < 0)
+    tool_core_error ("Check failed");
+  if (q2_close (img) < 0 && r == 0) {
+    tool_core_error ("writing the repaired image");
+    res.check_errors++;
+  }
+  if (json)
+    print_json (&res, path);
+  else if (!quiet)
+    print_human (&res);
+
+  if (res.check_errors)
+    return CHECK_FAILED;
+  if (res.corruptions)
+    return CHECK_CORRUPT;
+  if (res.leaks)
+    return CHECK_LEAKS;
+  return CHECK_CLEAN;
+}

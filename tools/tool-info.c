@@ -1,0 +1,350 @@
+/* qcow2-tool info: what qemu-img info shows, as text or JSON, for the
+ * image or its whole backing chain. */
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "tool.h"
+
+static const char info_help[] =
+  "Usage: qcow2-tool info [--json] [--backing-chain] IMG\n"
+  "\n"
+  "Shows the format version, virtual and disk size, cluster size, refcount\n"
+  "width, features, backing file and snapshots of IMG.  --json prints the\n"
+  "keys of 'qemu-img info --output=json'; --backing-chain shows every layer\n"
+  "(a JSON array with --json).\n";
+
+/* One layer, with the name qemu would show for it. */
+struct layer {
+  struct q2_image *img;
+  struct q2_image_info info;
+  char *name;
+  char *backing_name;           /* full backing file name, or NULL */
+};
+
+static uint64_t
+disk_size (const char *path)
+{
+  struct stat st;
+
+  if (stat (path, &st) == -1)
+    return 0;
+  return (uint64_t) st.st_blocks * 512;
+}
+
+static const char *
+compat_name (uint32_t version)
+{
+  return version >= 3 ? "1.1" : "0.10";
+}
+
+static const char *
+bool_name (bool b)
+{
+  return b ? "true" : "false";
+}
+
+static void
+format_date (uint32_t sec, char *buf, size_t len)
+{
+  time_t t = sec;
+  struct tm tm;
+
+  localtime_r (&t, &tm);
+  strftime (buf, len, "%Y-%m-%d %H:%M:%S", &tm);
+}
+
+static void
+format_clock (uint64_t nsec, char *buf, size_t len)
+{
+  uint64_t secs = nsec / 1000000000;
+
+  snprintf (buf, len, "%02d:%02d:%02d.%03d", (int) (secs / 3600),
+            (int) ((secs / 60) % 60), (int) (secs % 60),
+            (int) ((nsec / 1000000) % 1000));
+}
+
+/* Shared with 'snapshot -l': qemu's bdrv_snapshot_dump layout. */
+void print_snapshot_table (struct q2_image *img);
+
+void
+print_snapshot_table (struct q2_image *img)
+{
+  int n = q2_snapshot_count (img), i;
+
+  if (n <= 0)
+    return;
+  printf ("Snapshot list:\n");
+  printf ("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE",
+          "VM CLOCK", "ICOUNT");
+  for (i = 0; i < n; i++) {
+    struct q2_snapshot_info s;
+    char size[32], date[64], clock[64], icount[32] = "";
+    if (q2_snapshot_get (img, i, &s) < 0)
+      continue;
+    format_size (s.vm_state_size, size, sizeof size);
+    format_date (s.date_sec, date, sizeof date);
+    format_clock (s.vm_clock_nsec, clock, sizeof clock);
+    if (s.icount != UINT64_MAX)
+      snprintf (icount, sizeof icount, "%" PRIu64, s.icount);
+    printf ("%-9s %-16s %8s%20s%13s%11s\n", s.id, s.name, size, date, clock,
+            icount);
+  }
+}
+
+static void
+print_text (const struct layer *l)
+{
+  const struct q2_image_info *in = &l->info;
+  char buf[64];
+
+  printf ("image: %s\n", l->name);
+  printf ("file format: %s\n", in->format);
+  format_size (in->virtual_size, buf, sizeof buf);
+  printf ("virtual size: %s (%" PRIu64 " bytes)\n", buf, in->virtual_size);
+  format_size (disk_size (in->path), buf, sizeof buf);
+  printf ("disk size: %s\n", buf);
+  if (strcmp (in->format, "qcow2") != 0)
+    return;
+  printf ("cluster_size: %u\n", in->cluster_size);
+  if (in->backing_file) {
+    printf ("backing file: %s", in->backing_file);
+    if (l->backing_name && strcmp (l->backing_name, in->backing_file) != 0)
+      printf (" (actual path: %s)", l->backing_name);
+    printf ("\n");
+    if (in->backing_format)
+      printf ("backing file format: %s\n", in->backing_format);
+  }
+  print_snapshot_table (l->img);
+  printf ("Format specific information:\n");
+  printf ("    compat: %s\n", compat_name (in->version));
+  printf ("    compression type: %s\n", in->compression_type ? "zstd" : "zlib");
+  printf ("    lazy refcounts: %s\n", bool_name (in->lazy_refcounts));
+  printf ("    refcount bits: %u\n", in->refcount_bits);
+  printf ("    corrupt: %s\n", bool_name (in->corrupt));
+  if (in->data_file)
+    printf ("    data file: %s\n", in->data_file);
+  printf ("    extended l2: %s\n", bool_name (in->extended_l2));
+  printf ("    dirty: %s\n", bool_name (in->dirty));
+}
+
+static void
+print_json_snapshots (struct q2_image *img, const char *indent)
+{
+  int n = q2_snapshot_count (img), i;
+
+  if (n <= 0)
+    return;
+  printf ("%s\"snapshots\": [", indent);
+  for (i = 0; i < n; i++) {
+    struct q2_snapshot_info s;
+    if (q2_snapshot_get (img, i, &s) < 0)
+      continue;
+    printf ("%s\n%s    {\n", i ? "," : "", indent);
+    if (s.icount != UINT64_MAX)
+      printf ("%s        \"icount\": %" PRIu64 ",\n", indent, s.icount);
+    printf ("%s        \"vm-clock-nsec\": %" PRIu64 ",\n", indent,
+            s.vm_clock_nsec % 1000000000);
+    printf ("%s        \"name\": ", indent);
+    json_string (stdout, s.name);
+    printf (",\n%s        \"date-sec\": %u,\n", indent, s.date_sec);
+    printf ("%s        \"date-nsec\": %u,\n", indent, s.date_nsec);
+    printf ("%s        \"vm-clock-sec\": %" PRIu64 ",\n", indent,
+            s.vm_clock_nsec / 1000000000);
+    printf ("%s        \"id\": ", indent);
+    json_string (stdout, s.id);
+    printf (",\n%s        \"vm-state-size\": %" PRIu64 "\n%s    }", indent,
+            s.vm_state_size, indent);
+  }
+  printf ("\n%s],\n", indent);
+}
+
+static void
+print_json (const struct layer *l, const char *indent)
+{
+  const struct q2_image_info *in = &l->info;
+  bool qcow2 = strcmp (in->format, "qcow2") == 0;
+
+  printf ("%s{\n", indent);
+  if (qcow2)
+    print_json_snapshots (l->img, indent);
+  if (in->backing_format) {
+    printf ("%s    \"backing-filename-format\": ", indent);
+    json_string (stdout, in->backing_format);
+    printf (",\n");
+  }
+  printf ("%s    \"virtual-size\": %" PRIu64 ",\n", indent, in->virtual_size);
+  printf ("%s    \"filename\": ", indent);
+  json_string (stdout, l->name);
+  printf (",\n");
+  if (qcow2)
+    printf ("%s    \"cluster-size\": %u,\n", indent, in->cluster_size);
+  printf ("%s    \"format\": \"%s\",\n", indent, in->format);
+  printf ("%s    \"actual-size\": %" PRIu64 ",\n", indent,
+          disk_size (in->path));
+  if (qcow2) {
+    printf ("%s    \"format-specific\": {\n", indent);
+    printf ("%s        \"type\": \"qcow2\",\n", indent);
+    printf ("%s        \"data\": {\n", indent);
+    printf ("%s            \"compat\": \"%s\",\n", indent,
+            compat_name (in->version));
+    if (in->version >= 3) {
+      if (in->data_file) {
+        printf ("%s            \"data-file\": ", indent);
+        json_string (stdout, in->data_file);
+        printf (",\n");
+      }
+      printf ("%s            \"compression-type\": \"%s\",\n", indent,
+              in->compression_type ? "zstd" : "zlib");
+      printf ("%s            \"lazy-refcounts\": %s,\n", indent,
+              bool_name (in->lazy_refcounts));
+      printf ("%s            \"refcount-bits\": %u,\n", indent,
+              in->refcount_bits);
+      printf ("%s            \"corrupt\": %s,\n", indent,
+              bool_name (in->corrupt));
+      printf ("%s            \"extended-l2\": %s\n", indent,
+              bool_name (in->extended_l2));
+    }
+    else {
+      printf ("%s            \"compression-type\": \"zlib\",\n", indent);
+      printf ("%s            \"refcount-bits\": %u\n", indent,
+              in->refcount_bits);
+    }
+    printf ("%s        }\n%s    },\n", indent, indent);
+  }
+  if (in->backing_file) {
+    printf ("%s    \"full-backing-filename\": ", indent);
+    json_string (stdout, l->backing_name ? l->backing_name : in->backing_file);
+    printf (",\n%s    \"backing-filename\": ", indent);
+    json_string (stdout, in->backing_file);
+    printf (",\n");
+  }
+  printf ("%s    \"dirty-flag\": %s\n", indent, bool_name (in->dirty));
+  printf ("%s}", indent);
+}
+
+/* Collects the layers of the chain with their display names. */
+static int
+collect_layers (struct q2_image *top, const char *top_name,
+                struct layer *layers, int max)
+{
+  struct q2_image *img = top;
+  const char *name = top_name;
+  int n = 0;
+
+  while (img && n < max) {
+    struct layer *l = &layers[n++];
+    l->img = img;
+    q2_image_get_info (img, &l->info);
+    l->name = strdup (name);
+    l->backing_name = l->info.backing_file ?
+      combine_backing_name (name, l->info.backing_file) : NULL;
+    if (l->name == NULL || (l->info.backing_file && !l->backing_name))
+      return -1;
+    name = l->backing_name;
+    img = l->info.backing;
+  }
+  return n;
+}
+
+int
+cmd_info (int argc, char **argv)
+{
+  static const struct option long_opts[] = {
+    { "json", no_argument, NULL, 'j' },
+    { "output", required_argument, NULL, 'O' },
+    { "backing-chain", no_argument, NULL, 'c' },
+    { "help", no_argument, NULL, 'h' },
+    { NULL, 0, NULL, 0 },
+  };
+  struct layer layers[Q2_MAX_CHAIN_DEPTH + 2];
+  bool json = false, chain = false;
+  struct q2_image *img;
+  int c, n, i;
+
+  if (wants_help (argc, argv)) {
+    fputs (info_help, stdout);
+    return 0;
+  }
+  optind = 1;
+  while ((c = getopt_long (argc, argv, "+f:", long_opts, NULL)) != -1) {
+    switch (c) {
+    case 'j': json = true; break;
+    case 'c': chain = true; break;
+    case 'f': break;
+    case 'O':
+      if (strcmp (optarg, "json") == 0)
+        json = true;
+      else if (strcmp (optarg, "human") == 0)
+        json = false;
+      else {
+        tool_error ("--output: unknown format '%s'", optarg);
+        return EXIT_FAIL;
+      }
+      break;
+    default:
+      fputs (info_help, stderr);
+      return EXIT_FAIL;
+    }
+  }
+  if (argc - optind != 1) {
+    tool_error ("info: expecting one image");
+    return EXIT_FAIL;
+  }
+  img = open_image (argv[optind], false);
+  if (img == NULL)
+    return EXIT_FAIL;
+  memset (layers, 0, sizeof layers);
+  n = collect_layers (img, argv[optind], layers, chain ?
+                      Q2_MAX_CHAIN_DEPTH + 2 : 1);
+  if (n < 0) {
+    tool_error ("out of memory");
+    q2_close (img);
+    return EXIT_FAIL;
+  }
+  if (json && chain)
+    printf ("[\n");
+  for (i = 0; i < n; i++) {
+    if (json) {
+      print_json (&layers[i], chain ? "    " : "");
+      printf ("%s\n", chain && i + 1 < n ? "," : "");
+    }
+    else {
+      if (i)
+        printf ("\n");
+      print_text (&layers[i]);
+    }
+  }
+  if (json && chain)
+    printf ("]\n");
+  if (!json && !chain && layers[0].info.backing) {
+    /* Show where the data comes from, one layer per line. */
+    struct q2_image *b = layers[0].info.backing;
+    const char *name = layers[0].backing_name;
+    char *owned = NULL;
+    printf ("Backing chain:\n");
+    while (b) {
+      struct q2_image_info bi;
+      char *next;
+      q2_image_get_info (b, &bi);
+      printf ("    %s (%s)\n", name, bi.format);
+      next = bi.backing_file ? combine_backing_name (name, bi.backing_file)
+        : NULL;
+      free (owned);
+      owned = next;
+      name = next;
+      b = bi.backing;
+    }
+    free (owned);
+  }
+  for (i = 0; i < n; i++) {
+    free (layers[i].name);
+    free (layers[i].backing_name);
+  }
+  q2_close (img);
+  return 0;
+}

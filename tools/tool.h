@@ -1,0 +1,47 @@
+/* qcow2-tool: shared declarations of the subcommands and helpers. */
+#ifndef QCOW2_TOOL_H
+#define QCOW2_TOOL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "qcow2.h"
+
+/* Exit status for a failed command (qemu-img uses 1). */
+#define EXIT_FAIL 1
+
+/* Every subcommand: argv[0] is the subcommand name. */
+int cmd_create (int argc, char **argv);
+int cmd_info (int argc, char **argv);
+int cmd_check (int argc, char **argv);
+int cmd_map (int argc, char **argv);
+int cmd_snapshot (int argc, char **argv);
+
+/* Prints "qcow2-tool: MESSAGE" to stderr. */
+void tool_error (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
+/* Prints the last qcow2core error with a prefix. */
+void tool_core_error (const char *what);
+
+/* Parses a size with an optional K/M/G/T/P/E suffix (powers of 1024, a
+ * trailing B allowed).  Returns false on a syntax error. */
+bool parse_size (const char *s, uint64_t *out);
+/* on/off, yes/no, true/false. */
+bool parse_bool (const char *s, bool *out);
+/* Like qemu's size_to_str: "1 GiB", "324 KiB", "1.5 MiB". */
+void format_size (uint64_t v, char *buf, size_t len);
+/* Writes s as a JSON string (with the quotes). */
+void json_string (FILE *f, const char *s);
+
+/* Opens an image read-only (or writable), reporting errors. */
+struct q2_image *open_image (const char *path, bool writable);
+
+/* Name of a layer as qemu shows it: a relative backing name is joined
+ * with the directory part of the name of the image that refers to it.
+ * Returns a malloc'd string. */
+char *combine_backing_name (const char *parent, const char *backing);
+
+/* Checks for "--help" among the arguments of a subcommand. */
+bool wants_help (int argc, char **argv);
+
+#endif /* QCOW2_TOOL_H */
