@@ -1,0 +1,352 @@
+#!/usr/bin/env bats
+# Write path: space reclamation, multi-conn, fast zero, zero/trim
+# allocation, durability of writes, refusal on corrupt images, read-only
+# serving, and concurrency.
+
+bats_require_minimum_version 1.5.0
+load helpers
+
+TOOLS="$BATS_TEST_DIRNAME/tools"
+
+teardown () { stop_nbdkit; }
+
+# qcheck IMG: qemu-img check must be clean (rc 0: no errors, no leaks).
+qcheck ()
+{
+    local out rc=0
+    out="$(qemu-img check "$1" 2>&1)" || rc=$?
+    if [ "$rc" -ne 0 ] || ! grep -q 'No errors were found' <<<"$out"; then
+        echo "qemu-img check $1: rc=$rc" >&3
+        echo "$out" | head -40 >&3
+        return 1
+    fi
+}
+
+# qio IMG QEMU-IO ARGS...: fail loudly if any command fails or a pattern
+# does not verify (qemu-io's exit status only reflects the last command).
+qio ()
+{
+    local img="$1" out; shift
+    out="$(qemu-io -f qcow2 "$@" "$img" 2>&1)" &&
+        ! grep -qiE 'failed|error|invalid' <<<"$out" ||
+        { echo "qemu-io on $img:" >&3; echo "$out" >&3; return 1; }
+}
+
+# mapsum IMG START END: prints "DATA ALLOC" = bytes in [START,END) that
+# qemu-img map reports as data, and bytes that have a host offset.
+mapsum ()
+{
+    qemu-img map --output=json "$1" | /usr/bin/python3 -c '
+import json, sys
+s, e = int(sys.argv[1]), int(sys.argv[2])
+data = alloc = 0
+for m in json.load(sys.stdin):
+    a, b = max(s, m["start"]), min(e, m["start"] + m["length"])
+    if a >= b:
+        continue
+    if m["data"]:
+        data += b - a
+    if "offset" in m:
+        alloc += b - a
+print(data, alloc)' "$2" "$3"
+}
+
+@test "(a) discard returns space: fill 64M, trim 3/4" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    local rnd="$BATS_TEST_TMPDIR/rnd.raw"
+    qemu-img create -q -f qcow2 "$img" 64M
+    head -c 64M /dev/urandom >"$rnd"
+    start_nbdkit "$PLUGIN" file="$img"
+    nbdcopy --flush "$rnd" "$uri"
+    sync "$img"
+    local du_full; du_full="$(du -k "$img" | cut -f1)"
+    run -0 qemu-img compare -U -f raw -F raw "$rnd" "$uri"
+    nbdsh -u "$uri" -c 'h.trim(48 << 20, 0)' -c 'h.flush()'
+    stop_nbdkit
+    sync "$img"
+    local du_trim; du_trim="$(du -k "$img" | cut -f1)"
+    echo "# du -k: full=$du_full after trim=$du_trim" >&3
+    qcheck "$img"
+    read -r data alloc < <(mapsum "$img" 0 $((64 << 20)))
+    echo "# map: data=$data allocated=$alloc" >&3
+    [ "$data" -eq $((16 << 20)) ]
+    [ "$alloc" -eq $((16 << 20)) ]
+    [ "$du_full" -ge $((64 * 1024)) ]
+    # the host file must shrink: at most ~1/4 of the data plus metadata
+    [ "$du_trim" -le $((16 * 1024 + 4096)) ]
+    # trimmed clusters of a v3 image read as zeros, the rest is intact
+    local exp="$BATS_TEST_TMPDIR/exp.raw"
+    truncate -s 48M "$exp"
+    tail -c 16M "$rnd" >>"$exp"
+    run -0 qemu-img compare -f raw -F qcow2 "$exp" "$img"
+}
+
+@test "(b) multi-conn: a flushed write on one connection is seen by the others" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 "$img" 64M
+    start_nbdkit "$PLUGIN" file="$img"
+    run -0 nbdinfo --can multi-conn "$uri"
+    nbdsh -c - <<EOF
+h = [nbd.NBD() for _ in range(3)]
+for x in h:
+    x.connect_uri("$uri")
+assert all(x.can_multi_conn() for x in h)
+for i, (off, n) in enumerate([(0, 4), (65536 - 3, 10), (5 << 20, 200000),
+                               ((64 << 20) - 1, 1)]):
+    buf = bytes([0x40 + i]) * n
+    assert h[0].pread(n, off) == bytes(n) and h[2].pread(n, off) == bytes(n)
+    h[1].pwrite(buf, off)
+    h[1].flush()
+    assert h[0].pread(n, off) == buf, "h0 at %d" % off
+    assert h[2].pread(n, off) == buf, "h2 at %d" % off
+# and the other way round, overwriting
+h[2].pwrite(b"next", 0); h[2].flush()
+assert h[0].pread(4, 0) == b"next" and h[1].pread(4, 0) == b"next"
+h[0].zero(4, 0); h[0].flush()
+assert h[1].pread(4, 0) == bytes(4) and h[2].pread(4, 0) == bytes(4)
+for x in h:
+    x.shutdown()
+EOF
+    stop_nbdkit
+    qcheck "$img"
+}
+
+@test "(c) FAST_ZERO: whole clusters on v3 succeed" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 "$img" 64M
+    qio "$img" -c 'write -P 0x11 0 8M'
+    start_nbdkit "$PLUGIN" file="$img"
+    run -0 nbdinfo --can fast-zero "$uri"
+    nbdsh -u "$uri" -c '
+h.zero(2 << 20, 1 << 20, nbd.CMD_FLAG_FAST_ZERO)                      # allocated
+h.zero(1 << 20, 32 << 20, nbd.CMD_FLAG_FAST_ZERO)                     # unallocated
+h.zero(65536, 4 << 20, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE) # no trim
+assert h.pread(2 << 20, 1 << 20) == bytes(2 << 20)
+assert h.pread(65536, 4 << 20) == bytes(65536)
+assert h.pread(4, (1 << 20) - 4) == b"\x11" * 4
+assert h.pread(4, 3 << 20) == b"\x11" * 4'
+    stop_nbdkit
+    qcheck "$img"
+    qio "$img" -c 'read -P 0x11 0 1M' -c 'read -P 0 1M 2M' -c 'read -P 0x11 3M 1M' \
+        -c 'read -P 0 4M 64k' -c 'read -P 0x11 4160k 3008k' -c 'read -P 0 32M 1M'
+}
+
+@test "(c) FAST_ZERO: v2 over a backing file with data fails with ENOTSUP, data unchanged" {
+    local base="$BATS_TEST_TMPDIR/base.qcow2"
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 "$base" 64M
+    qio "$base" -c 'write -P 0x22 0 8M'
+    qemu-img create -q -f qcow2 -o compat=0.10 -b "$base" -F qcow2 "$img"
+    qio "$img" -c 'write -P 0x33 1M 64k'
+    start_nbdkit "$PLUGIN" file="$img"
+    nbdsh -u "$uri" -c '
+import errno
+for off, n in [(0, 1 << 20), (1 << 20, 65536), (2 << 20, 2 << 20)]:
+    try:
+        h.zero(n, off, nbd.CMD_FLAG_FAST_ZERO)
+        raise SystemExit("fast zero at %d succeeded on v2 over backing data" % off)
+    except nbd.Error as e:
+        assert e.errnum in (errno.ENOTSUP, errno.EOPNOTSUPP), (e.errnum, e.string)
+assert h.pread(1 << 20, 0) == b"\x22" * (1 << 20)
+assert h.pread(65536, 1 << 20) == b"\x33" * 65536
+# the connection is still fine, and a slow zero works
+h.zero(65536, 2 << 20)
+assert h.pread(65536, 2 << 20) == bytes(65536)'
+    stop_nbdkit
+    qcheck "$img"
+    qio "$img" -c 'read -P 0x22 0 1M' -c 'read -P 0x33 1M 64k' \
+        -c 'read -P 0x22 1088k 960k' -c 'read -P 0 2M 64k' -c 'read -P 0x22 2112k 6080k'
+}
+
+@test "(d) v3: zero without MAY_TRIM keeps clusters allocated, with MAY_TRIM frees them" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 "$img" 64M
+    qio "$img" -c 'write -P 0x11 0 4M'
+    start_nbdkit "$PLUGIN" file="$img"
+    nbdsh -u "$uri" -c '
+h.zero(1 << 20, 0, nbd.CMD_FLAG_NO_HOLE)
+h.zero(1 << 20, 2 << 20)
+h.flush()'
+    stop_nbdkit
+    qcheck "$img"
+    qio "$img" -c 'read -P 0 0 1M' -c 'read -P 0x11 1M 1M' -c 'read -P 0 2M 1M' \
+        -c 'read -P 0x11 3M 1M'
+    local data alloc
+    read -r data alloc < <(mapsum "$img" 0 $((1 << 20)))
+    echo "# NO_HOLE range: data=$data allocated=$alloc" >&3
+    [ "$alloc" -eq $((1 << 20)) ]           # still allocated
+    read -r data alloc < <(mapsum "$img" $((2 << 20)) $((3 << 20)))
+    echo "# MAY_TRIM range: data=$data allocated=$alloc" >&3
+    [ "$data" -eq 0 ] && [ "$alloc" -eq 0 ]  # freed
+    # and the freed clusters are reused: 1 MiB more data must not grow the file
+    local end1 end2
+    end1="$(qemu-img check --output=json "$img" | sed -n 's/.*"image-end-offset": \([0-9]*\).*/\1/p')"
+    start_nbdkit "$PLUGIN" file="$img"
+    nbdsh -u "$uri" -c 'h.pwrite(b"\x44" * (1 << 20), 40 << 20)'
+    stop_nbdkit
+    end2="$(qemu-img check --output=json "$img" | sed -n 's/.*"image-end-offset": \([0-9]*\).*/\1/p')"
+    echo "# image end before=$end1 after=$end2" >&3
+    [ "$end2" -le "$end1" ]
+    qcheck "$img"
+}
+
+@test "(d) v2 (no backing): zero with and without MAY_TRIM: zeros, no leaks" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 -o compat=0.10 "$img" 64M
+    qio "$img" -c 'write -P 0x11 0 4M'
+    start_nbdkit "$PLUGIN" file="$img"
+    nbdsh -u "$uri" -c '
+h.zero(1 << 20, 0, nbd.CMD_FLAG_NO_HOLE)
+h.zero(1 << 20, 2 << 20)
+h.flush()'
+    stop_nbdkit
+    qio "$img" -c 'read -P 0 0 1M' -c 'read -P 0x11 1M 1M' -c 'read -P 0 2M 1M' \
+        -c 'read -P 0x11 3M 1M'
+    qcheck "$img"
+}
+
+@test "(e) writes land: qemu-io verifies them after the server stops" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 "$img" 64M
+    qio "$img" -c 'write -P 0x99 8M 1M'
+    start_nbdkit "$PLUGIN" file="$img"
+    nbdsh -u "$uri" -c '
+for pat, off, n in [(0xa1, 0, 65536), (0xa2, 65536 + 100, 1000),
+                    (0xa3, 3 * 65536 - 7, 14), (0xa4, (8 << 20) + 4096, 8192),
+                    (0xa5, (16 << 20) - 1, 3 << 20), (0xa6, (64 << 20) - 513, 513)]:
+    h.pwrite(bytes([pat]) * n, off, nbd.CMD_FLAG_FUA if pat & 1 else 0)'
+    stop_nbdkit
+    qcheck "$img"
+    qio "$img" -c 'read -P 0xa1 0 64k' -c 'read -P 0 64k 100' \
+        -c 'read -P 0xa2 65636 1000' -c 'read -P 0 66636 129965' \
+        -c 'read -P 0xa3 196601 14' -c 'read -P 0 196615 1000' \
+        -c 'read -P 0x99 8M 4096' -c 'read -P 0xa4 8196k 8k' -c 'read -P 0x99 8204k 1008k' \
+        -c 'read -P 0 16383k 1023' -c 'read -P 0xa5 16777215 3145728' \
+        -c 'read -P 0 19922943 1' -c 'read -P 0xa6 67108351 513'
+}
+
+@test "(f) an image with the corrupt bit set is not written; nbdkit -r serves it" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 "$img" 64M
+    qio "$img" -c 'write -P 0x33 0 1M'
+    # incompatible_features (offset 72, 8 bytes BE): bit 1 = corrupt
+    printf '\x02' | dd of="$img" bs=1 seek=79 conv=notrunc status=none
+    qemu-img info "$img" | grep -q 'corrupt: true'
+    local sum; sum="$(sha256sum <"$img")"
+
+    # read-write: either the open fails, or the export is read-only, or
+    # the write fails; in no case may the image change
+    start_nbdkit "$PLUGIN" file="$img"
+    run nbdsh -u "$uri" -c 'h.set_strict_mode(0)' -c '
+import errno
+try:
+    h.pwrite(b"x" * 512, 0)
+    print("WRITE SUCCEEDED")
+except nbd.Error as e:
+    print("write refused:", e.errnum, e.string)'
+    echo "# rw attempt: $output" >&3
+    [[ ! "$output" =~ "WRITE SUCCEEDED" ]]
+    stop_nbdkit
+    [ "$(sha256sum <"$img")" = "$sum" ]
+
+    start_nbdkit "$PLUGIN" -r file="$img"
+    run -2 nbdinfo --can write "$uri"
+    run -0 qemu-img compare -U -f raw -F qcow2 "$uri" "$img"
+    nbdsh -u "$uri" -c 'assert h.pread(1 << 20, 0) == b"\x33" * (1 << 20)'
+    stop_nbdkit
+    [ "$(sha256sum <"$img")" = "$sum" ]
+}
+
+@test "(g) read-only: nbdkit -r refuses writes and leaves the file untouched" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 -o lazy_refcounts=on "$img" 64M
+    qio "$img" -c 'write -P 0x44 0 3M' -c 'write -z 4M 1M'
+    touch -d '2001-02-03 04:05:06' "$img"
+    local sum st
+    sum="$(sha256sum <"$img")"; st="$(stat -c '%Y %s' "$img")"
+    start_nbdkit "$PLUGIN" -r file="$img"
+    run -2 nbdinfo --can write "$uri"
+    nbdcopy "$uri" null:
+    nbdsh -u "$uri" -c 'h.set_strict_mode(0)' -c '
+import errno
+assert h.is_read_only()
+assert h.pread(4, 0) == b"\x44" * 4
+for f in (lambda: h.pwrite(b"x", 0), lambda: h.zero(512, 0),
+          lambda: h.trim(65536, 0)):
+    try:
+        f(); raise SystemExit("a write op succeeded on a read-only export")
+    except nbd.Error as e:
+        assert e.errnum in (errno.EPERM, errno.EROFS), (e.errnum, e.string)
+h.flush()'
+    stop_nbdkit
+    [ "$(sha256sum <"$img")" = "$sum" ]
+    [ "$(stat -c '%Y %s' "$img")" = "$st" ]
+    qio "$img" -c 'read -P 0x44 0 3M'
+}
+
+@test "(h) concurrency: fio randwrite, 2 connections, verify" {
+    command -v fio >/dev/null || skip "no fio"
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 "$img" 64M
+    qio "$img" -c 'write -P 0x55 0 8M' -c 'write -P 0x66 40M 8M'
+    start_nbdkit "$PLUGIN" file="$img"
+    run fio --name=w --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k \
+        --iodepth=16 --numjobs=2 --offset_increment=32M --size=32M \
+        --verify=crc32c --do_verify=1 --verify_state_save=0 --group_reporting
+    [ "$status" -eq 0 ] || { echo "$output" >&3; false; }
+    [[ ! "$output" =~ "verify: bad" ]]
+    # a second round with mixed block sizes and periodic flushes
+    run fio --name=m --ioengine=nbd --uri="$uri" --rw=randwrite \
+        --bsrange=512-128k --bs_unaligned=1 --iodepth=8 --numjobs=2 \
+        --offset_increment=32M --size=16M --fsync=16 \
+        --verify=crc32c --do_verify=1 --verify_state_save=0 --group_reporting
+    [ "$status" -eq 0 ] || { echo "$output" >&3; false; }
+    stop_nbdkit
+    qcheck "$img"
+}
+
+# samecluster OPTS [BACKING-OPTS]: two connections, same fresh cluster
+samecluster ()
+{
+    local opts="$1" cs="$2" n="$3" backing="${4:-}"
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    local exp="$BATS_TEST_TMPDIR/exp.raw"
+    if [ -n "$backing" ]; then
+        local base="$BATS_TEST_TMPDIR/base.qcow2"
+        qemu-img create -q -f qcow2 "$base" 64M
+        qio "$base" -c 'write -P 0x77 0 60M'
+        qemu-img create -q -f qcow2 -o "$opts" -b "$base" -F qcow2 "$img"
+    else
+        qemu-img create -q -f qcow2 -o "$opts" "$img" 64M
+    fi
+    qemu-img convert -O raw "$img" "$exp"
+    start_nbdkit "$PLUGIN" file="$img"
+    /usr/bin/python3 "$TOOLS/samecluster.py" "$uri" "$cs" "$n" "$exp"
+    stop_nbdkit
+    qcheck "$img"
+    run -0 qemu-img compare -f raw -F qcow2 "$exp" "$img"
+}
+
+@test "(i) same fresh cluster from two connections: v3, 64k clusters" {
+    samecluster compat=1.1 65536 1000
+}
+
+@test "(i) same fresh cluster from two connections: v2" {
+    samecluster compat=0.10 65536 1000
+}
+
+@test "(i) same fresh cluster from two connections: extended_l2" {
+    samecluster extended_l2=on 65536 1000
+}
+
+@test "(i) same fresh cluster from two connections: overlay over a backing file (COW)" {
+    samecluster compat=1.1 65536 900 backing
+}
+
+@test "(i) same fresh cluster from two connections: extended_l2 overlay (subcluster COW)" {
+    samecluster extended_l2=on 65536 900 backing
+}
+
+@test "(i) same fresh cluster from two connections: 2M clusters" {
+    samecluster cluster_size=2M $((2 << 20)) 30
+}
