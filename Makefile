@@ -109,7 +109,12 @@ check-unit: $(UNIT_BINS)
 check-bats: $(PLUGIN_SO)
 	PLUGIN=$(CURDIR)/$(PLUGIN_SO) SANITIZE=$(SANITIZE) bats --tap tests/
 
-check-sanitize:
+# See tests/san-shim.c: lets an ASan-preloaded nbdkit exit after errors.
+build-san/san-shim.so: tests/san-shim.c
+	@mkdir -p $(dir $@)
+	$(CC) -O2 -fPIC -shared -o $@ $<
+
+check-sanitize: build-san/san-shim.so
 	$(MAKE) SANITIZE=1 all
 	$(MAKE) SANITIZE=1 check-unit check-bats
 
@@ -159,8 +164,9 @@ build-fuzz/seeds/.stamp: tests/fuzz/make-seeds.sh
 fuzz-build: $(FUZZ_TARGETS) build-fuzz/seeds/.stamp
 
 fuzz: fuzz-build
-	@set -e; for t in $(FUZZ_TARGETS); do \
-	  tests/fuzz/run-fuzz.sh $$t $(FUZZ_TIME) build-fuzz; done
+	@fail=; for t in $(FUZZ_TARGETS); do \
+	  tests/fuzz/run-fuzz.sh $$t $(FUZZ_TIME) build-fuzz || fail="$$fail $$t"; \
+	done; if [ -n "$$fail" ]; then echo "fuzz: findings in:$$fail"; exit 1; fi
 
 # make serve [FILE=disk.qcow2] [PORT=10809 | SOCKET=/path]
 serve: deps

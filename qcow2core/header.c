@@ -437,7 +437,7 @@ parse_header (const uint8_t *buf, size_t len, uint64_t file_size,
     (cluster_size * l2_entries);
   if (h->l1_size < l1_needed) {
     r = q2_err (EINVAL, "l1_size %u is too small for the virtual size %llu "
-                "(needs %llu entries)", h->l1_size,
+                "(at least %llu L1 entries are needed)", h->l1_size,
                 (unsigned long long) h->size, (unsigned long long) l1_needed);
     goto fail;
   }

@@ -10,6 +10,10 @@ PLUGIN="${PLUGIN:-$BATS_TEST_DIRNAME/../plugin/nbdkit-qcow2-plugin.so}"
 # inherit the preload.
 if [ "${SANITIZE:-}" = 1 ]; then
     Q2_ASAN_LIB="$(gcc -print-file-name=libasan.so)"
+    # tests/san-shim.c: without it nbdkit hangs in exit() after errors.
+    if [ -f "$BATS_TEST_DIRNAME/../build-san/san-shim.so" ]; then
+        Q2_ASAN_LIB="$Q2_ASAN_LIB $BATS_TEST_DIRNAME/../build-san/san-shim.so"
+    fi
     nbdkit ()
     {
         LD_PRELOAD="$Q2_ASAN_LIB" \

@@ -276,8 +276,10 @@ def make_bases(out):
 
 
 # ---------------------------------------------------------------------------
-# Cases: name -> (base, function patching a Qcow2, comment).  The comment
-# records what QEMU 7.2 makes of the image (qemu-img info / check -U).
+# Cases: name -> (base, function patching a Qcow2).  The comments record
+# what QEMU 7.2 says about each image (`qemu-img info -U` / `check -U`,
+# from --qemu-report); where nothing else is said, both fail with that
+# message.
 
 CASES = {}
 
@@ -352,8 +354,9 @@ def _(q):
 
 @case("l1-offset-past-eof", "base-v3")
 def _(q):
-    # qemu opens it (reads past EOF give zeros): info succeeds and
-    # check reports no errors.  The image reads as all zeros under QEMU.
+    # qemu: info opens it (the L1 reads as zeros past EOF, so the disk reads
+    # as zeros); check rc=2 "ERROR: counting reference for region exceeding
+    # the end of the file by one cluster or more".
     q.put64(H_L1_OFF, q.beyond_eof())
 
 
@@ -367,8 +370,9 @@ def _(q):
 
 @case("refcount-offset-past-eof", "base-v3")
 def _(q):
-    # qemu opens it (reads as an empty table); check: many "ERROR cluster N
-    # refcount=0 reference=1" errors.
+    # qemu: info opens it; check rc=2 "ERROR: counting reference for region
+    # exceeding the end of the file ...", "ERROR cluster 0 refcount=0
+    # reference=1".
     q.put64(H_RT_OFF, q.beyond_eof())
 
 
@@ -401,7 +405,8 @@ def _(q):
 
 @case("header-length-unaligned", "base-v3")
 def _(q):
-    # qemu: "header_length must be a multiple of 8"
+    # qemu 7.2 does not check the alignment itself; it then fails parsing
+    # the extensions at 108: "Header extension too large"
     q.put32(H_HEADER_LENGTH, 108)
 
 
@@ -416,7 +421,7 @@ def _(q):
 @case("ext-length-huge", "base-v3")
 def _(q):
     # First extension (the feature name table) claims 0xffffff00 bytes.
-    # qemu: "Could not read qcow2 header: Invalid argument" / "ext_len too large"
+    # qemu: "Header extension too large"
     off = q.header_length
     assert q.u32(off) == EXT_FEATURE_TABLE
     q.put32(off + 4, 0xFFFFFF00)
@@ -425,7 +430,7 @@ def _(q):
 @case("ext-past-cluster", "base-v3")
 def _(q):
     # Extension data runs 0x68 bytes past the end of cluster 0.
-    # qemu: "ext_len too large"
+    # qemu: "Header extension too large"
     off = q.header_length
     q.put32(off + 4, q.cluster_size - off - 8 + 0x68)
 
@@ -434,7 +439,7 @@ def _(q):
 
 @case("backing-offset-past-cluster", "base-overlay")
 def _(q):
-    # qemu: "Backing file name too long" (offset > cluster_size)
+    # qemu: "Invalid backing file offset"
     q.put64(H_BACKING_OFF, q.cluster_size + 8)
 
 
@@ -455,17 +460,19 @@ def _(q):
 
 @case("backing-loop-self", "base-overlay")
 def _(q):
-    # Backing file is the image itself.  qemu-img info: "Backing file
-    # 'backing-loop-self.qcow2' ... would create a loop"? no: qemu opens
-    # the chain and fails with "Failed to get shared "write" lock" or
-    # "Too many open files"/"Backing chain too deep"; see --qemu-report.
+    # Backing file is the image itself.  qemu-img info (no backing walk)
+    # succeeds; check recurses: "Could not open backing file: Could not
+    # open backing file: ... 'backing-loop-self.qcow2': Too many open files".
     q.set_backing_name(b"backing-loop-self.qcow2")
 
 
 @case("backing-loop-pair", "base-overlay")
 def _(q):
     # backing-loop-pair -> backing-loop-pair-b -> backing-loop-pair.
-    # (The -b file is written by make_extra_files.)
+    # (The -b file is written by make_extra_files.)  qemu-img info
+    # succeeds; qemu-img check opens the chain over and over, growing to
+    # several GiB, until it fails ("Could not open backing file: Could not
+    # open backing file: ..." under the 2 GiB limit of --qemu-report).
     q.set_backing_name(b"backing-loop-pair-b.qcow2")
 
 
@@ -521,16 +528,16 @@ def _(q):
 
 @case("encrypted-aes", "base-v3")
 def _(q):
-    # qemu-img info works (shows "encrypted: yes"); reading needs a secret:
-    # "Parameter 'encrypt.key-secret' is required for cipher"
+    # qemu-img info works; check (which opens for reading): "Parameter
+    # 'encrypt.key-secret' is required for cipher"
     q.put32(H_CRYPT, 1)
 
 
 @case("encrypted-luks-no-header", "base-v3")
 def _(q):
     # crypt_method=2 without the full-disk-encryption header extension.
-    # qemu: "Could not open ... : LUKS encryption header extension missing"?
-    # see --qemu-report.
+    # qemu-img check: "Missing CRYPTO header for crypt method 2";
+    # qemu-img info -U crashes with SIGSEGV on it (QEMU 7.2.22).
     q.put32(H_CRYPT, 2)
 
 
@@ -538,16 +545,17 @@ def _(q):
 
 @case("l1-entry-unaligned", "base-v3-4k")
 def _(q):
-    # qemu check: "ERROR l2_offset=...: Table is not cluster aligned"; reads
-    # of 2M..4M fail with EIO ("L2 table offset ... unaligned").
+    # qemu check: "ERROR l2_offset=15200: Table is not cluster aligned; L1
+    # entry corrupted"; reads of 2M..4M fail with EIO.
     a = q.l1_entry_addr(1)
     q.put64(a, q.u64(a) + 0x200)
 
 
 @case("l1-entry-past-eof", "base-v3-4k")
 def _(q):
-    # qemu reads zeros past EOF, so 2M..4M reads as zeros (no error on read);
-    # check: "ERROR cluster ... refcount=0 reference=1" style errors.
+    # qemu reads zeros past EOF, so 2M..4M reads as zeros (no read error);
+    # check: "ERROR: counting reference for region exceeding the end of the
+    # file by one cluster or more".
     a = q.l1_entry_addr(1)
     q.put64(a, COPIED | q.beyond_eof())
 
@@ -555,7 +563,8 @@ def _(q):
 @case("l1-entry-reserved-bits", "base-v3-4k")
 def _(q):
     # Bit 56 set (reserved).  qemu masks it off for reads (L1E_OFFSET_MASK)
-    # and reads the data; check flags it.
+    # and reads the data; check: "ERROR found L1 entry with reserved bits
+    # set: 8100000000015000".
     a = q.l1_entry_addr(1)
     q.put64(a, q.u64(a) | (1 << 56))
 
@@ -565,35 +574,37 @@ def _(q):
 @case("l2-entry-at-l1-table", "base-v3")
 def _(q):
     # Data of guest cluster 1 "is" the L1 table's cluster.  qemu reads it
-    # as data (no overlap check on reads); check: refcount/OFLAG_COPIED
-    # errors.
+    # as data (no overlap check on reads); check: "ERROR cluster 3
+    # refcount=1 reference=2".
     q.put64(q.l2_entry_addr(0x10000), COPIED | q.l1_offset)
 
 
 @case("l2-entry-at-refcount-table", "base-v3")
 def _(q):
-    # Same with the refcount table's cluster.
+    # Same with the refcount table's cluster.  check: "ERROR cluster 1
+    # refcount=1 reference=2".
     q.put64(q.l2_entry_addr(0x10000), COPIED | q.u64(H_RT_OFF))
 
 
 @case("l2-entry-past-eof", "base-v3")
 def _(q):
-    # qemu reads zeros past EOF; check: "ERROR cluster N refcount=0
-    # reference=1".
+    # qemu reads zeros past EOF; check: "ERROR: counting reference for
+    # region exceeding the end of the file by one cluster or more".
     q.put64(q.l2_entry_addr(0x10000), COPIED | q.beyond_eof())
 
 
 @case("l2-entry-unaligned", "base-v3")
 def _(q):
-    # qemu: reads of cluster 1 fail (EIO, "Cluster allocation offset
-    # 0x60200 unaligned"), image marked corrupt on a rw open.
+    # qemu check: "ERROR offset=60200: Data cluster is not properly
+    # aligned; L2 entry corrupted."  Reads of cluster 1 fail with EIO.
     a = q.l2_entry_addr(0x10000)
     q.put64(a, q.u64(a) + 0x200)
 
 
 @case("l2-entry-reserved-bits", "base-v3")
 def _(q):
-    # Bit 56 set (reserved, bits 56-61).  qemu masks it off when reading.
+    # Bit 56 set (reserved, bits 56-61).  qemu masks it off when reading;
+    # check: "ERROR found l2 entry with reserved bits set: 8100000000060000".
     a = q.l2_entry_addr(0x10000)
     q.put64(a, q.u64(a) | (1 << 56))
 
@@ -601,7 +612,8 @@ def _(q):
 @case("compressed-past-eof", "base-v3")
 def _(q):
     # Guest cluster 2: compressed descriptor whose data lies 4 MiB past EOF.
-    # qemu reads zeros -> inflate fails -> EIO on cluster 2.
+    # check: "ERROR: counting reference for region exceeding the end of
+    # the file ..."; qemu reads zeros there -> inflate fails -> EIO.
     a = q.l2_entry_addr(0x20000)
     coff, nb, _ = q.compressed_desc(0x20000)
     x = 62 - (q.cluster_bits - 8)
@@ -611,7 +623,8 @@ def _(q):
 @case("compressed-garbage", "base-v3")
 def _(q):
     # The deflate stream is overwritten with 0xff (BTYPE=11, invalid).
-    # qemu: EIO reading cluster 2; check does not look at the data.
+    # qemu: EIO reading cluster 2; check does not look at the data
+    # ("No errors were found on the image.").
     coff, nb, csize = q.compressed_desc(0x20000)
     end = min(coff + csize, len(q.b))
     q.b[coff:end] = b"\xff" * (end - coff)
@@ -620,7 +633,8 @@ def _(q):
 @case("extl2-alloc-and-zero", "base-extl2")
 def _(q):
     # Guest cluster 1: subcluster 5 both allocated (bit 5) and zero (bit 37).
-    # qemu: QCOW2_SUBCLUSTER_INVALID -> EIO reading cluster 1.
+    # qemu check: "ERROR offset=60000: Allocated cluster has corrupted
+    # subcluster allocation bitmap"; reads of cluster 1 fail with EIO.
     a = q.l2_entry_addr(0x10000) + 8
     q.put64(a, q.u64(a) | (1 << (32 + 5)))
 
@@ -629,13 +643,14 @@ def _(q):
 
 @case("snapshot-table-past-eof", "base-snap")
 def _(q):
-    # qemu: opens (table reads as zeros) or fails; see --qemu-report.
+    # qemu: info opens it; check: "ERROR snapshot table entry 0 is
+    # incomplete".
     q.put64(H_SNAP_OFF, q.beyond_eof())
 
 
 @case("snapshot-count-huge", "base-snap")
 def _(q):
-    # qemu: "Too many snapshots"
+    # qemu: "Snapshot table too large"
     q.put32(H_NB_SNAP, 0xFFFFFFFF)
 
 
@@ -643,14 +658,15 @@ def _(q):
 
 @case("dirty-bit", "base-v3")
 def _(q):
-    # qemu: read-only opens fine; a rw open repairs the refcounts.
+    # qemu: read-only opens fine ("No errors were found on the image.");
+    # a rw open repairs the refcounts and clears the bit.
     q.put64(H_INCOMPAT, q.incompat | 1)
 
 
 @case("corrupt-bit", "base-v3")
 def _(q):
-    # qemu: read-only opens fine; rw open: "Image is corrupt; cannot be
-    # opened read/write".  check: "No errors were found" (bit not cleared).
+    # qemu: read-only opens fine (check: "No errors were found on the
+    # image."); rw open: "Image is corrupt; cannot be opened read/write".
     q.put64(H_INCOMPAT, q.incompat | 2)
 
 
@@ -674,17 +690,26 @@ def make_cases(out):
 def qemu_report(out):
     for name in CASES:
         img = name + ".qcow2"
-        info = subprocess.run(["qemu-img", "info", "-U", "-f", "qcow2", img],
-                              cwd=out, capture_output=True, text=True)
-        chk = subprocess.run(["qemu-img", "check", "-U", "-f", "qcow2", img],
-                             cwd=out, capture_output=True, text=True)
-        first = lambda r: (r.stderr.strip() or r.stdout.strip()).splitlines()
-        i = first(info)
-        c = first(chk)
-        print("%-30s info rc=%d %s" % (name, info.returncode,
-                                       i[-1] if info.returncode and i else "ok"))
+        # The backing loops make qemu-img recurse: bound time and memory.
+        lim = ["timeout", "10", "prlimit", "--as=%d" % (2 << 30)]
+        info = subprocess.run(lim + ["qemu-img", "info", "-U", "-f", "qcow2",
+                                     img], cwd=out, capture_output=True,
+                              text=True)
+        chk = subprocess.run(lim + ["qemu-img", "check", "-U", "-f", "qcow2",
+                                    img], cwd=out, capture_output=True,
+                             text=True)
+        short = lambda s: s if len(s) < 200 else s[:200] + "..."
+        first = lambda r: [short(x) for x in
+                           (r.stderr.strip() or r.stdout.strip()).splitlines()]
+        i, c = first(info), first(chk)
+        def verdict(r, lines):
+            if r.returncode < 0:
+                return "killed by signal %d" % -r.returncode
+            return lines[-1] if r.returncode and lines else "ok"
+        print("%-30s info  rc=%d %s" % (name, info.returncode,
+                                        verdict(info, i)))
         print("%-30s check rc=%d %s" % ("", chk.returncode,
-                                        " | ".join(c[:2] + c[-2:]) if c else ""))
+                                        " | ".join(c[:2]) if c else ""))
 
 
 def main():
