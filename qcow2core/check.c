@@ -382,6 +382,7 @@ q2_rebuild_refcounts (struct q2_image *img)
 
   free (img->reftable);
   img->reftable = table;
+  img->meta_stale = true;
   table = NULL;
   img->reftable_entries = entries;
   img->reftable_used = k;

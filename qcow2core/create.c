@@ -1,16 +1,22 @@
 /* Creating a new qcow2 image the way 'qemu-img create' lays it out:
  * the header in cluster 0, then the refcount table, the refcount
- * blocks, the L1 table and, with preallocation, every L2 table and data
- * cluster.  Every cluster written is counted exactly once. */
+ * blocks, the L1 table, for LUKS encryption the LUKS area and, with
+ * preallocation, every L2 table and data cluster.  Every cluster
+ * written is counted exactly once. */
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
+#include <nettle/pbkdf2.h>
+
+#include "crypto.h"
 #include "internal.h"
 
 #define V2_HEADER_LEN 72
@@ -27,7 +33,8 @@ struct layout {
   uint64_t l1_size;              /* entries */
   uint64_t reftable_clusters, refblocks, l1_clusters;
   uint64_t l2_tables, data_clusters;
-  uint64_t reftable_off, refblock_off, l1_off, l2_off, data_off;
+  uint64_t luks_clusters;        /* the LUKS area, 0 if none */
+  uint64_t reftable_off, refblock_off, l1_off, luks_off, l2_off, data_off;
   uint64_t total_clusters;       /* every cluster with refcount 1 */
 };
 
@@ -159,13 +166,14 @@ div_up (uint64_t a, uint64_t b)
  * the refcount table, so iterate to a fixed point. */
 static int
 compute_layout (uint64_t size, const struct q2_create_opts *o,
-                struct layout *l)
+                size_t luks_len, struct layout *l)
 {
   uint64_t per_l2, per_refblock, prev;
   bool prealloc = o->preallocation != Q2_PREALLOC_OFF;
 
   memset (l, 0, sizeof *l);
   l->cs = o->cluster_size;
+  l->luks_clusters = div_up (luks_len, o->cluster_size);
   l->cluster_bits = log2_of (o->cluster_size);
   l->l2_entry_size = o->extended_l2 ? 16 : 8;
   per_l2 = l->cs / l->l2_entry_size;
@@ -187,12 +195,12 @@ compute_layout (uint64_t size, const struct q2_create_opts *o,
   do {
     prev = l->refblocks + l->reftable_clusters;
     l->total_clusters = 1 + l->reftable_clusters + l->refblocks +
-      l->l1_clusters + l->l2_tables + l->data_clusters;
+      l->l1_clusters + l->luks_clusters + l->l2_tables + l->data_clusters;
     l->refblocks = div_up (l->total_clusters, per_refblock);
     l->reftable_clusters = div_up (l->refblocks * 8, l->cs);
   } while (l->refblocks + l->reftable_clusters != prev);
   l->total_clusters = 1 + l->reftable_clusters + l->refblocks +
-    l->l1_clusters + l->l2_tables + l->data_clusters;
+    l->l1_clusters + l->luks_clusters + l->l2_tables + l->data_clusters;
 
   if (l->reftable_clusters * l->cs > QCOW2_MAX_REFTABLE_BYTES)
     return q2_err (EFBIG, "size: the refcount table for %llu clusters would "
@@ -205,7 +213,8 @@ compute_layout (uint64_t size, const struct q2_create_opts *o,
   l->reftable_off = l->cs;
   l->refblock_off = l->reftable_off + l->reftable_clusters * l->cs;
   l->l1_off = l->refblock_off + l->refblocks * l->cs;
-  l->l2_off = l->l1_off + l->l1_clusters * l->cs;
+  l->luks_off = l->l1_off + l->l1_clusters * l->cs;
+  l->l2_off = l->luks_off + l->luks_clusters * l->cs;
   l->data_off = l->l2_off + l->l2_tables * l->cs;
   return 0;
 }
@@ -245,7 +254,8 @@ static const struct {
 
 static int
 build_header (uint8_t *buf, uint64_t size, const struct q2_create_opts *o,
-              const char *backing_format, const struct layout *l)
+              const char *backing_format, const struct layout *l,
+              uint64_t luks_len)
 {
   size_t pos, cs = l->cs;
   uint64_t incompat = 0;
@@ -255,6 +265,7 @@ build_header (uint8_t *buf, uint64_t size, const struct q2_create_opts *o,
   q2_put_be32 (buf + 4, o->version);
   q2_put_be32 (buf + 20, l->cluster_bits);
   q2_put_be64 (buf + 24, size);
+  q2_put_be32 (buf + 32, o->encrypt_format);
   q2_put_be32 (buf + 36, l->l1_size);
   q2_put_be64 (buf + 40, l->l1_size ? l->l1_off : 0);
   q2_put_be64 (buf + 48, l->reftable_off);
@@ -279,6 +290,14 @@ build_header (uint8_t *buf, uint64_t size, const struct q2_create_opts *o,
       (r = add_extension (buf, &pos, cs, QCOW2_EXT_BACKING_FORMAT,
                           backing_format, strlen (backing_format))) < 0)
     return r;
+  if (o->encrypt_format == Q2_ENCRYPT_LUKS) {
+    uint8_t fde[16];
+    q2_put_be64 (fde, l->luks_off);
+    q2_put_be64 (fde + 8, luks_len);
+    if ((r = add_extension (buf, &pos, cs, QCOW2_EXT_CRYPTO, fde,
+                            sizeof fde)) < 0)
+      return r;
+  }
   if (o->version >= 3 && cs >= FEATURE_TABLE_MIN_CLUSTER) {
     uint8_t table[NB_FEATURE_NAMES * FEATURE_ENTRY_LEN];
     size_t i;
@@ -390,8 +409,11 @@ write_tables (int fd, const struct layout *l, uint64_t size, uint8_t *buf)
   return 0;
 }
 
+/* With encryption, preallocation=full writes encrypted zeros: the
+ * clusters are allocated, so they must decrypt to zeros. */
 static int
-preallocate_data (int fd, const struct layout *l, enum q2_prealloc mode)
+preallocate_data (int fd, const struct layout *l, enum q2_prealloc mode,
+                  const struct q2_crypto *crypto)
 {
   uint64_t start = l->data_off, len = l->data_clusters * l->cs, done;
   uint8_t *zeros;
@@ -414,8 +436,20 @@ preallocate_data (int fd, const struct layout *l, enum q2_prealloc mode)
     if (zeros == NULL)
       return q2_err (ENOMEM, "out of memory");
     for (done = 0; done < len; done += ZERO_CHUNK) {
-      r = q2_io_pwrite (fd, zeros, Q2_MIN (ZERO_CHUNK, len - done),
-                        start + done, "preallocated data");
+      size_t n = Q2_MIN (ZERO_CHUNK, len - done);
+      if (crypto) {
+        /* LUKS IVs count host sectors, legacy AES guest sectors; the
+         * data clusters are in guest order from data_off. */
+        uint64_t sector = (q2_crypto_method (crypto) == 1 ? done
+                           : start + done) / Q2_CRYPTO_SECTOR_SIZE;
+        memset (zeros, 0, n);
+        r = q2_crypto_encrypt (crypto, sector, zeros, n);
+        if (r < 0) {
+          free (zeros);
+          return r;
+        }
+      }
+      r = q2_io_pwrite (fd, zeros, n, start + done, "preallocated data");
       if (r < 0) {
         free (zeros);
         return r;
@@ -426,16 +460,295 @@ preallocate_data (int fd, const struct layout *l, enum q2_prealloc mode)
   return 0;
 }
 
+/* ---- encryption ---- */
+
+#define DEFAULT_ITER_TIME_MS 2000
+/* QEMU's floor for key slot iterations. */
+#define MIN_SLOT_ITERS 1000
+
+static const char *const luks_hashes[] = { "sha1", "sha256", "sha384",
+                                           "sha512" };
+
+static bool
+is_one_of (const char *v, const char *const *list, size_t n)
+{
+  size_t i;
+
+  for (i = 0; i < n; i++)
+    if (strcmp (v, list[i]) == 0)
+      return true;
+  return false;
+}
+
+/* The refusals of qemu-img for the encrypt.* options, plus what the
+ * engine cannot do (QEMU's other ciphers, hashes and modes). */
+static int
+validate_encrypt (const struct q2_create_opts *o)
+{
+  static const char *const algs[] = { "aes-128", "aes-192", "aes-256" };
+  static const char *const modes[] = { "xts", "cbc" };
+  static const char *const ivgens[] = { "plain64", "plain", "essiv" };
+  bool luks_params = o->cipher_alg || o->cipher_mode || o->ivgen_alg ||
+    o->ivgen_hash_alg || o->hash_alg || o->iter_time_ms || o->iterations;
+
+  if (o->encrypt_format == Q2_ENCRYPT_NONE) {
+    if (luks_params || o->password)
+      return q2_err (EINVAL, "Parameter 'encrypt.format' is missing");
+    return 0;
+  }
+  if (o->encrypt_format != Q2_ENCRYPT_AES &&
+      o->encrypt_format != Q2_ENCRYPT_LUKS)
+    return q2_err (EINVAL, "Parameter 'format' does not accept value %d",
+                   o->encrypt_format);
+  if (o->password == NULL)
+    return q2_err (EINVAL, "Parameter 'encrypt.key-secret' is required for "
+                   "cipher");
+  if (o->encrypt_format == Q2_ENCRYPT_AES) {
+    if (o->cipher_alg)
+      return q2_err (EINVAL, "Parameter 'encrypt.cipher-alg' is unexpected");
+    if (o->cipher_mode)
+      return q2_err (EINVAL, "Parameter 'encrypt.cipher-mode' is "
+                     "unexpected");
+    if (o->ivgen_alg)
+      return q2_err (EINVAL, "Parameter 'encrypt.ivgen-alg' is unexpected");
+    if (o->ivgen_hash_alg)
+      return q2_err (EINVAL, "Parameter 'encrypt.ivgen-hash-alg' is "
+                     "unexpected");
+    if (o->hash_alg)
+      return q2_err (EINVAL, "Parameter 'encrypt.hash-alg' is unexpected");
+    if (o->iter_time_ms || o->iterations)
+      return q2_err (EINVAL, "Parameter 'encrypt.iter-time' is unexpected");
+  }
+  else {
+    if (o->cipher_alg && !is_one_of (o->cipher_alg, algs, 3))
+      return q2_err (ENOTSUP, "encrypt.cipher-alg: '%s' is not supported "
+                     "(aes-128, aes-192 or aes-256)", o->cipher_alg);
+    if (o->cipher_mode && !is_one_of (o->cipher_mode, modes, 2))
+      return q2_err (ENOTSUP, "encrypt.cipher-mode: '%s' is not supported "
+                     "(xts or cbc)", o->cipher_mode);
+    if (o->ivgen_alg && !is_one_of (o->ivgen_alg, ivgens, 3))
+      return q2_err (ENOTSUP, "encrypt.ivgen-alg: '%s' is not supported "
+                     "(plain64, plain or essiv)", o->ivgen_alg);
+    if (o->hash_alg && !is_one_of (o->hash_alg, luks_hashes, 4))
+      return q2_err (ENOTSUP, "encrypt.hash-alg: '%s' is not supported "
+                     "(sha1, sha256, sha384 or sha512)", o->hash_alg);
+    if (o->ivgen_hash_alg && !is_one_of (o->ivgen_hash_alg, luks_hashes, 4))
+      return q2_err (ENOTSUP, "encrypt.ivgen-hash-alg: '%s' is not "
+                     "supported", o->ivgen_hash_alg);
+    /* ESSIV keys AES with the hash: only a 32-byte digest fits. */
+    if (o->ivgen_alg && strcmp (o->ivgen_alg, "essiv") == 0 &&
+        o->ivgen_hash_alg && strcmp (o->ivgen_hash_alg, "sha256") != 0)
+      return q2_err (ENOTSUP, "No AES cipher with key size %d available",
+                     strcmp (o->ivgen_hash_alg, "sha1") == 0 ? 20 :
+                     strcmp (o->ivgen_hash_alg, "sha384") == 0 ? 48 : 64);
+    if (o->cipher_alg && strcmp (o->cipher_alg, "aes-192") == 0 &&
+        o->cipher_mode && strcmp (o->cipher_mode, "cbc") == 0)
+      return q2_err (ENOTSUP, "encrypt.cipher-alg: aes-192 with cbc is not "
+                     "supported (its key material is not a whole number "
+                     "of sectors; QEMU 7.2 aborts on it)");
+  }
+  /* Preallocated clusters are data: QEMU leaves them as plain zeros,
+   * which decrypt to garbage.  Only 'full' can write encrypted zeros. */
+  if (o->preallocation == Q2_PREALLOC_METADATA ||
+      o->preallocation == Q2_PREALLOC_FALLOC)
+    return q2_err (ENOTSUP, "preallocation=%s cannot be used with "
+                   "encryption (the preallocated clusters would read as "
+                   "garbage); use preallocation=full or off",
+                   o->preallocation == Q2_PREALLOC_METADATA ? "metadata"
+                   : "falloc");
+  return 0;
+}
+
+static double
+now_seconds (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void
+run_pbkdf2 (const char *hash, unsigned iters)
+{
+  static const uint8_t salt[32];
+  uint8_t out[32];
+
+  if (strcmp (hash, "sha1") == 0)
+    pbkdf2_hmac_sha1 (8, (const uint8_t *) "password", iters, sizeof salt,
+                      salt, sizeof out, out);
+  else if (strcmp (hash, "sha384") == 0)
+    pbkdf2_hmac_sha384 (8, (const uint8_t *) "password", iters, sizeof salt,
+                        salt, sizeof out, out);
+  else if (strcmp (hash, "sha512") == 0)
+    pbkdf2_hmac_sha512 (8, (const uint8_t *) "password", iters, sizeof salt,
+                        salt, sizeof out, out);
+  else
+    pbkdf2_hmac_sha256 (8, (const uint8_t *) "password", iters, sizeof salt,
+                        salt, sizeof out, out);
+}
+
+/* PBKDF2 iterations that take about ms milliseconds here, as QEMU's
+ * encrypt.iter-time does; at least MIN_SLOT_ITERS. */
+static uint32_t
+iterations_for_time (const char *hash, uint32_t ms)
+{
+  unsigned iters = 1000;
+  double t0, dt, want;
+
+  for (;;) {
+    t0 = now_seconds ();
+    run_pbkdf2 (hash, iters);
+    dt = now_seconds () - t0;
+    if (dt >= 0.05 || iters >= (1u << 28))
+      break;
+    iters *= 4;
+  }
+  if (dt <= 0)
+    dt = 1e-6;
+  want = (double) iters / dt * ms / 1000.0;
+  if (want > UINT32_MAX)
+    want = UINT32_MAX;
+  return want < MIN_SLOT_ITERS ? MIN_SLOT_ITERS : (uint32_t) want;
+}
+
+/* Builds the LUKS area, or the legacy AES context (only needed to write
+ * encrypted zeros). */
+static int
+setup_encrypt (const struct q2_create_opts *o, uint8_t **luks,
+               size_t *luks_len, struct q2_crypto **crypto)
+{
+  const char *ivgen = o->ivgen_alg;
+  uint32_t iters = o->iterations;
+
+  if (o->encrypt_format == Q2_ENCRYPT_NONE)
+    return 0;
+  if (o->encrypt_format == Q2_ENCRYPT_AES)
+    return q2_crypto_open_aes (o->password, crypto);
+  if (iters == 0)
+    iters = iterations_for_time (o->hash_alg ? o->hash_alg : "sha256",
+                                 o->iter_time_ms ? o->iter_time_ms
+                                 : DEFAULT_ITER_TIME_MS);
+  /* The ESSIV hash is always sha256 here; with plain IVs QEMU would
+   * append ':HASH' to the mode, which means nothing, so it is left out. */
+  if (ivgen && strcmp (ivgen, "essiv") == 0)
+    ivgen = "essiv:sha256";
+  return q2_crypto_create_luks (o->cipher_alg, o->cipher_mode, ivgen,
+                                o->hash_alg, o->password, iters, luks,
+                                luks_len, crypto);
+}
+
+/* ---- reading the encryption parameters for display ---- */
+
+#define LUKS_MAGIC "LUKS\xba\xbe"
+#define LH_CIPHER_NAME 8
+#define LH_CIPHER_MODE 40
+#define LH_HASH_SPEC 72
+#define LH_FIELD_LEN 32
+#define LH_PAYLOAD_OFFSET 104
+#define LH_KEY_BYTES 108
+#define LH_MK_DIGEST_ITER 164
+#define LH_UUID 168
+#define LH_UUID_LEN 40
+#define LH_SLOTS 208
+#define LS_SIZE 48
+#define LUKS_SLOT_ENABLED 0x00ac71f3U
+
+static int
+copy_field (char *dst, size_t dst_len, const uint8_t *src, size_t len,
+            const char *what)
+{
+  size_t n = strnlen ((const char *) src, len);
+
+  if (n == len || n >= dst_len)
+    return q2_err (EINVAL, "LUKS header: %s is not terminated", what);
+  memcpy (dst, src, n);
+  dst[n] = '\0';
+  return 0;
+}
+
+int
+q2_encrypt_info_get (const struct q2_image *img, struct q2_encrypt_info *info)
+{
+  const struct q2_header *h = &img->hdr;
+  uint8_t p[Q2_LUKS_PHDR_SIZE];
+  char name[LH_FIELD_LEN + 1], mode[LH_FIELD_LEN + 1], *dash, *colon;
+  uint32_t key_bytes;
+  int i, r;
+
+  memset (info, 0, sizeof *info);
+  if (img->fmt != Q2_FMT_QCOW2 || h->crypt_method == 0)
+    return 0;
+  info->format = h->crypt_method;
+  if (h->crypt_method != Q2_ENCRYPT_LUKS)
+    return 0;
+  info->area_offset = h->crypto_offset;
+  info->area_length = h->crypto_length;
+  if (h->crypto_length < Q2_LUKS_PHDR_SIZE)
+    return q2_err (EINVAL, "the LUKS header is only %llu bytes long",
+                   (unsigned long long) h->crypto_length);
+  r = q2_io_pread (img->fd, p, sizeof p, h->crypto_offset, false,
+                   "LUKS header");
+  if (r < 0)
+    return r;
+  if (memcmp (p, LUKS_MAGIC, 6) != 0)
+    return q2_err (EINVAL, "Volume is not in LUKS format (bad magic)");
+  if (q2_be16 (p + 6) != 1)
+    return q2_err (ENOTSUP, "LUKS version %u is not supported",
+                   q2_be16 (p + 6));
+  if ((r = copy_field (name, sizeof name, p + LH_CIPHER_NAME, LH_FIELD_LEN,
+                       "cipher_name")) < 0 ||
+      (r = copy_field (mode, sizeof mode, p + LH_CIPHER_MODE, LH_FIELD_LEN,
+                       "cipher_mode")) < 0 ||
+      (r = copy_field (info->hash_alg, sizeof info->hash_alg,
+                       p + LH_HASH_SPEC, LH_FIELD_LEN, "hash_spec")) < 0 ||
+      (r = copy_field (info->uuid, sizeof info->uuid, p + LH_UUID,
+                       LH_UUID_LEN, "uuid")) < 0)
+    return r;
+  key_bytes = q2_be32 (p + LH_KEY_BYTES);
+  /* "aes" + cipher_mode "xts-plain64" + key_bytes 64 = aes-256, xts,
+   * plain64 (QEMU's names). */
+  dash = strchr (mode, '-');
+  if (dash)
+    *dash = '\0';
+  snprintf (info->cipher_mode, sizeof info->cipher_mode, "%s", mode);
+  if (dash) {
+    colon = strchr (dash + 1, ':');
+    if (colon) {
+      *colon = '\0';
+      snprintf (info->ivgen_hash_alg, sizeof info->ivgen_hash_alg, "%s",
+                colon + 1);
+    }
+    snprintf (info->ivgen_alg, sizeof info->ivgen_alg, "%s", dash + 1);
+  }
+  if (strcmp (info->cipher_mode, "xts") == 0)
+    key_bytes /= 2;
+  snprintf (info->cipher_alg, sizeof info->cipher_alg, "%s-%u", name,
+            key_bytes * 8);
+  info->payload_offset = (uint64_t) q2_be32 (p + LH_PAYLOAD_OFFSET) * 512;
+  info->master_key_iters = q2_be32 (p + LH_MK_DIGEST_ITER);
+  for (i = 0; i < Q2_LUKS_NUM_SLOTS; i++) {
+    const uint8_t *s = p + LH_SLOTS + i * LS_SIZE;
+    info->slots[i].active = q2_be32 (s) == LUKS_SLOT_ENABLED;
+    info->slots[i].iters = q2_be32 (s + 4);
+    info->slots[i].key_offset = (uint64_t) q2_be32 (s + 40) * 512;
+    info->slots[i].stripes = q2_be32 (s + 44);
+  }
+  return 0;
+}
+
 int
 q2_create (const char *path, uint64_t size, const struct q2_create_opts *o)
 {
   const char *backing_format = o->backing_format;
   struct layout l;
-  uint8_t *buf = NULL;
+  uint8_t *buf = NULL, *luks = NULL;
+  size_t luks_len = 0;
+  struct q2_crypto *crypto = NULL;
   uint64_t backing_size = UINT64_MAX, end;
   int fd, r;
 
-  if ((r = validate_opts (o)) < 0)
+  if ((r = validate_opts (o)) < 0 || (r = validate_encrypt (o)) < 0)
     return q2_err_prefix (r, "%s", path);
   if (o->backing_file && !o->unsafe) {
     const char *detected = NULL;
@@ -455,34 +768,41 @@ q2_create (const char *path, uint64_t size, const struct q2_create_opts *o)
     return q2_err (EFBIG, "%s: size %llu is too large", path,
                    (unsigned long long) size);
   size = Q2_ROUND_UP (size, 512);
-  if ((r = compute_layout (size, o, &l)) < 0)
+  if ((r = setup_encrypt (o, &luks, &luks_len, &crypto)) < 0)
     return q2_err_prefix (r, "%s", path);
+  if ((r = compute_layout (size, o, luks_len, &l)) < 0)
+    goto fail_crypto;
 
   buf = calloc (1, l.cs);
-  if (buf == NULL)
-    return q2_err (ENOMEM, "out of memory");
-  if ((r = build_header (buf, size, o, backing_format, &l)) < 0) {
-    free (buf);
-    return q2_err_prefix (r, "%s", path);
+  if (buf == NULL) {
+    r = q2_err (ENOMEM, "out of memory");
+    goto fail_crypto;
   }
+  if ((r = build_header (buf, size, o, backing_format, &l, luks_len)) < 0)
+    goto fail_crypto;
 
   fd = open (path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd == -1) {
     int e = errno;
-    free (buf);
-    return q2_err (e, "%s: %s", path, strerror (e));
+    r = q2_err (e, "%s", strerror (e));
+    goto fail_crypto;
   }
   r = q2_io_pwrite (fd, buf, l.cs, 0, "qcow2 header");
   if (r == 0)
     r = write_refcounts (fd, &l, o->refcount_bits, buf);
   if (r == 0)
     r = write_tables (fd, &l, size, buf);
+  if (r == 0 && luks)
+    r = q2_io_pwrite (fd, luks, luks_len, l.luks_off, "LUKS header");
   if (r == 0 && o->preallocation != Q2_PREALLOC_OFF)
-    r = preallocate_data (fd, &l, o->preallocation);
+    r = preallocate_data (fd, &l, o->preallocation, crypto);
   else if (r == 0) {
     /* Like QEMU: the file ends with the L1 table (or the refcount
-     * blocks for an empty image). */
+     * blocks for an empty image), or with the whole clusters of the
+     * LUKS area. */
     end = l.l1_size ? l.l1_off + l.l1_size * 8 : l.l1_off;
+    if (l.luks_clusters)
+      end = l.luks_off + l.luks_clusters * l.cs;
     if (ftruncate (fd, end) == -1) {
       int e = errno;
       r = q2_err (e, "truncating to %llu bytes: %s",
@@ -497,7 +817,13 @@ q2_create (const char *path, uint64_t size, const struct q2_create_opts *o)
     int e = errno;
     r = q2_err (e, "close: %s", strerror (e));
   }
+ fail_crypto:
   free (buf);
+  if (luks) {
+    explicit_bzero (luks, luks_len);
+    free (luks);
+  }
+  q2_crypto_free (crypto);
   if (r < 0)
     return q2_err_prefix (r, "%s", path);
   return 0;

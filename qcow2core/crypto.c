@@ -427,6 +427,10 @@ q2_crypto_open_aes (const char *password, struct q2_crypto **out)
 /* ---- LUKS helpers ---- */
 
 /* Copies a NUL-terminated string field of the phdr. */
+/* A damaged header must not make opening take hours: QEMU's default
+ * (2 s of PBKDF2) is a few million iterations on current machines. */
+#define MAX_PBKDF2_ITER (32u << 20)
+
 static int
 get_str (const uint8_t *hdr, size_t off, char out[LH_FIELD_LEN],
          const char *field)
@@ -457,9 +461,11 @@ parse_mode (const char *s, struct mode_spec *m)
   else
     return q2_err (ENOTSUP, "cipher mode \"%s\" is not supported", s);
   iv = dash + 1;
-  if (strcmp (iv, "plain64") == 0)
+  /* QEMU writes "plain64:HASH" when a hash is given for a plain IV; the
+   * hash means nothing there. */
+  if (strcmp (iv, "plain64") == 0 || strncmp (iv, "plain64:", 8) == 0)
     m->ivgen = IVGEN_PLAIN64;
-  else if (strcmp (iv, "plain") == 0)
+  else if (strcmp (iv, "plain") == 0 || strncmp (iv, "plain:", 6) == 0)
     m->ivgen = IVGEN_PLAIN;
   else if (strncmp (iv, "essiv:", 6) == 0) {
     m->ivgen = IVGEN_ESSIV;
@@ -597,8 +603,9 @@ parse_luks (const uint8_t *hdr, size_t len, struct luks_hdr *h)
   h->mk_digest = hdr + LH_MK_DIGEST;
   h->mk_digest_salt = hdr + LH_MK_DIGEST_SALT;
   h->mk_digest_iter = q2_be32 (hdr + LH_MK_DIGEST_ITER);
-  if (h->mk_digest_iter == 0)
-    return q2_err (EINVAL, "LUKS header: mk_digest_iter is 0");
+  if (h->mk_digest_iter == 0 || h->mk_digest_iter > MAX_PBKDF2_ITER)
+    return q2_err (EINVAL, "LUKS header: mk_digest_iter %u is out of range "
+                   "(1..%u)", h->mk_digest_iter, MAX_PBKDF2_ITER);
 
   for (i = 0; i < Q2_LUKS_NUM_SLOTS; i++) {
     const uint8_t *s = hdr + LH_SLOTS + i * LS_SIZE;
@@ -617,8 +624,11 @@ parse_luks (const uint8_t *hdr, size_t len, struct luks_hdr *h)
     off = (uint64_t) q2_be32 (s + LS_KM_OFFSET) * SECTOR;
     h->slot[i].km_offset = off;
     h->slot[i].km_len = (uint64_t) h->slot[i].stripes * h->key_bytes;
-    if (h->slot[i].iterations == 0)
-      return q2_err (EINVAL, "LUKS header: key slot %d: iterations is 0", i);
+    if (h->slot[i].iterations == 0 ||
+        h->slot[i].iterations > MAX_PBKDF2_ITER)
+      return q2_err (EINVAL, "LUKS header: key slot %d: iterations %u is out "
+                     "of range (1..%u)", i, h->slot[i].iterations,
+                     MAX_PBKDF2_ITER);
     if (h->slot[i].stripes == 0)
       return q2_err (EINVAL, "LUKS header: key slot %d: stripes is 0", i);
     if (h->slot[i].km_len % BLOCK != 0)

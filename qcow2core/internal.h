@@ -272,6 +272,11 @@ struct q2_image {
   struct q2_range *pending_free;
   size_t nb_pending_free, cap_pending_free;
   uint8_t *zero_buf;            /* one cluster of zeros, never written */
+  /* Sorted host offsets of active L2 tables and refcount blocks, for
+   * overlap checks; rebuilt by writers when meta_stale. */
+  uint64_t *meta_index;
+  size_t meta_count;
+  bool meta_stale;
 
   /* Encryption (crypt_method 1 or 2); NULL when not encrypted. */
   struct q2_crypto *crypto;
@@ -446,6 +451,8 @@ int q2_mark_corrupt (struct q2_image *img, const char *fmt, ...)
 #define Q2_OVERLAP_ALL 15
 int q2_check_overlap (struct q2_image *img, uint64_t off, uint64_t len,
                       const char *what, unsigned kinds);
+/* Writers (io_lock exclusive): rebuild the overlap index if stale. */
+int q2_meta_index_refresh (struct q2_image *img);
 int q2_write_reftable (struct q2_image *img, const uint64_t *table,
                        uint64_t entries, uint64_t offset);
 /* Before the first change: clears autoclear bits on disk. */

@@ -57,6 +57,57 @@ overlaps (uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
   return alen && blen && a < b + blen && b < a + alen;
 }
 
+static int
+cmp_u64 (const void *a, const void *b)
+{
+  uint64_t x = *(const uint64_t *) a, y = *(const uint64_t *) b;
+
+  return x < y ? -1 : x > y;
+}
+
+int
+q2_meta_index_refresh (struct q2_image *img)
+{
+  uint64_t *v, i;
+  size_t n = 0;
+
+  if (!img->meta_stale && img->meta_index)
+    return 0;
+  v = malloc ((img->l1_size + img->reftable_used + 1) * sizeof *v);
+  if (v == NULL)
+    return q2_err (ENOMEM, "out of memory for the metadata index");
+  for (i = 0; i < img->l1_size; i++)
+    if (img->l1[i] & L1E_OFFSET_MASK)
+      v[n++] = img->l1[i] & L1E_OFFSET_MASK;
+  for (i = 0; i < img->reftable_used; i++)
+    if (img->reftable[i] & REFT_OFFSET_MASK)
+      v[n++] = img->reftable[i] & REFT_OFFSET_MASK;
+  qsort (v, n, sizeof *v, cmp_u64);
+  free (img->meta_index);
+  img->meta_index = v;
+  img->meta_count = n;
+  img->meta_stale = false;
+  return 0;
+}
+
+/* Is any indexed metadata cluster inside [off, off+len)? */
+static bool
+index_hit (const struct q2_image *img, uint64_t off, uint64_t len)
+{
+  uint64_t first = Q2_ROUND_DOWN (off, img->cluster_size);
+  size_t lo = 0, hi = img->meta_count;
+
+  /* First entry >= first. */
+  while (lo < hi) {
+    size_t mid = (lo + hi) / 2;
+    if (img->meta_index[mid] < first)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo < img->meta_count && img->meta_index[lo] < off + len;
+}
+
 int
 q2_check_overlap (struct q2_image *img, uint64_t off, uint64_t len,
                   const char *what, unsigned kinds)
@@ -67,20 +118,30 @@ q2_check_overlap (struct q2_image *img, uint64_t off, uint64_t len,
   if ((kinds & Q2_OVERLAP_FIXED) &&
       q2_overlaps_fixed_metadata (img, off, len))
     hit = "the header, L1 table or refcount table";
-  if (!hit && (kinds & Q2_OVERLAP_L2))
-    for (i = 0; i < img->l1_size; i++)
-      if (overlaps (off, len, img->l1[i] & L1E_OFFSET_MASK,
-                    (img->l1[i] & L1E_OFFSET_MASK) ? cs : 0)) {
-        hit = "an L2 table";
-        break;
-      }
-  if (!hit && (kinds & Q2_OVERLAP_REFBLOCKS))
-    for (i = 0; i < img->reftable_used; i++)
-      if (overlaps (off, len, img->reftable[i] & REFT_OFFSET_MASK,
-                    (img->reftable[i] & REFT_OFFSET_MASK) ? cs : 0)) {
-        hit = "a refcount block";
-        break;
-      }
+  /* Data writes use the index; metadata writes (which must skip their
+   * own kind) scan. */
+  if (!hit && (kinds & (Q2_OVERLAP_L2 | Q2_OVERLAP_REFBLOCKS)) ==
+      (Q2_OVERLAP_L2 | Q2_OVERLAP_REFBLOCKS) && !img->meta_stale &&
+      img->meta_index) {
+    if (index_hit (img, off, len))
+      hit = "an L2 table or refcount block";
+  }
+  else {
+    if (!hit && (kinds & Q2_OVERLAP_L2))
+      for (i = 0; i < img->l1_size; i++)
+        if (overlaps (off, len, img->l1[i] & L1E_OFFSET_MASK,
+                      (img->l1[i] & L1E_OFFSET_MASK) ? cs : 0)) {
+          hit = "an L2 table";
+          break;
+        }
+    if (!hit && (kinds & Q2_OVERLAP_REFBLOCKS))
+      for (i = 0; i < img->reftable_used; i++)
+        if (overlaps (off, len, img->reftable[i] & REFT_OFFSET_MASK,
+                      (img->reftable[i] & REFT_OFFSET_MASK) ? cs : 0)) {
+          hit = "a refcount block";
+          break;
+        }
+  }
   if (!hit && (kinds & Q2_OVERLAP_SNAPSHOTS) && img->hdr.nb_snapshots &&
       overlaps (off, len, img->hdr.snapshots_offset, cs))
     hit = "the snapshot table";

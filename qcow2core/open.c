@@ -124,13 +124,13 @@ l2_cache_slots (const struct q2_image *img, uint64_t l2_cache_size,
 
 /* Unlocks an encrypted image; data is never served without the key. */
 static int
-setup_encryption (struct q2_image *img, const char *password)
+setup_encryption (struct q2_image *img, const char *password, bool no_key)
 {
   const struct q2_header *h = &img->hdr;
   uint8_t *area;
   int r;
 
-  if (h->crypt_method == 0)
+  if (h->crypt_method == 0 || (no_key && img->readonly && !password))
     return 0;
   if (password == NULL)
     return q2_err (EPERM, "the image is encrypted (%s): a password is "
@@ -170,7 +170,7 @@ check_features (struct q2_image *img)
 
 static int
 setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
-             uint64_t l2_cache_size, const char *password)
+             const struct q2_open_opts *opts)
 {
   struct q2_header *h = &img->hdr;
   uint32_t slice;
@@ -181,7 +181,7 @@ setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
     return r;
   if ((r = check_features (img)) < 0)
     return r;
-  if ((r = setup_encryption (img, password)) < 0)
+  if ((r = setup_encryption (img, opts->password, opts->no_key)) < 0)
     return r;
 
   img->cluster_bits = h->cluster_bits;
@@ -212,7 +212,8 @@ setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
     return r;
 
   slice = slice_size_for (img->cluster_size);
-  img->l2_cache = q2_cache_new (slice, l2_cache_slots (img, l2_cache_size,
+  img->l2_cache = q2_cache_new (slice, l2_cache_slots (img,
+                                                       opts->l2_cache_size,
                                                        slice), NULL, NULL);
   img->rb_cache = q2_cache_new (slice, REFBLOCK_CACHE_SLOTS, NULL, NULL);
   if (img->l2_cache == NULL || img->rb_cache == NULL)
@@ -394,7 +395,7 @@ q2_open_layer (const char *path, const char *format,
   img->fmt = Q2_FMT_QCOW2;
   r = read_header_cluster (img, &buf, &len);
   if (r == 0)
-    r = setup_qcow2 (img, buf, len, opts->l2_cache_size, opts->password);
+    r = setup_qcow2 (img, buf, len, opts);
   free (buf);
   if (r < 0)
     goto fail_named;
@@ -436,6 +437,7 @@ q2_free_layer (struct q2_image *img)
   free (img->dir);
   free (img->pending_free);
   free (img->zero_buf);
+  free (img->meta_index);
   q2_crypto_free (img->crypto);
   pthread_mutex_destroy (&img->lock);
   pthread_rwlock_destroy (&img->io_lock);
@@ -480,6 +482,9 @@ make_writable_locked (struct q2_image *img)
 
   if (!img->readonly)
     return 0;
+  if (h->crypt_method && img->crypto == NULL)
+    return q2_err (EPERM, "%s: the image is encrypted and was opened "
+                   "without its password", img->path);
   if (h->incompatible_features & QCOW2_INCOMPAT_CORRUPT)
     return q2_err (EROFS, "%s: the image is marked corrupt (incompatible "
                    "bit 1); it can only be served read-only until it is "
@@ -500,6 +505,7 @@ make_writable_locked (struct q2_image *img)
     if (img->reftable[i])
       img->reftable_used = i + 1;
   img->free_hint = 0;
+  img->meta_stale = true;
   q2_cache_set_writeback (img->l2_cache, q2_l2_writeback, img);
   q2_cache_set_writeback (img->rb_cache, q2_rb_writeback, img);
   img->readonly = false;

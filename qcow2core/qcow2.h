@@ -28,6 +28,9 @@ struct q2_open_opts {
   bool no_backing;
   /* Password of encrypted images (legacy AES or LUKS), or NULL. */
   const char *password;
+  /* Read-only: open an encrypted image without its password, for its
+   * metadata only; reading its data then fails with -EPERM. */
+  bool no_key;
 };
 
 /* Open a qcow2 image and its whole backing chain (qcow2 or raw). */
@@ -134,7 +137,22 @@ struct q2_create_opts {
   const char *backing_file;     /* stored as given; NULL for none */
   const char *backing_format;   /* NULL: no backing format extension */
   bool unsafe;                  /* do not check that the backing opens */
+  /* Encryption (Q2_ENCRYPT_*).  LUKS puts its area in the clusters after
+   * the L1 table, as QEMU does.  NULL strings take QEMU's defaults. */
+  int encrypt_format;
+  const char *password;         /* required with encryption */
+  const char *cipher_alg;       /* LUKS: aes-128, aes-192, aes-256 */
+  const char *cipher_mode;      /* LUKS: xts, cbc */
+  const char *ivgen_alg;        /* LUKS: plain64, plain, essiv */
+  const char *ivgen_hash_alg;   /* LUKS with essiv: sha256 */
+  const char *hash_alg;         /* LUKS: sha1, sha256, sha384, sha512 */
+  uint32_t iter_time_ms;        /* LUKS PBKDF2 time; 0: 2000 ms */
+  uint32_t iterations;          /* LUKS PBKDF2 iterations (overrides
+                                 * iter_time_ms when not 0) */
 };
+#define Q2_ENCRYPT_NONE 0
+#define Q2_ENCRYPT_AES 1        /* legacy, crypt_method 1 */
+#define Q2_ENCRYPT_LUKS 2       /* crypt_method 2 */
 /* Fills in QEMU's defaults: compat 1.1, 64 KiB clusters, 16-bit
  * refcounts, zlib, no preallocation. */
 void q2_create_opts_init (struct q2_create_opts *o);
@@ -143,6 +161,30 @@ void q2_create_opts_init (struct q2_create_opts *o);
  * combinations are refused as qemu-img does. */
 int q2_create (const char *path, uint64_t size,
                const struct q2_create_opts *o);
+
+/* Encryption parameters for display (create.c): never key material. */
+struct q2_encrypt_info {
+  int format;                   /* Q2_ENCRYPT_* */
+  /* LUKS only, from the LUKS header, in QEMU's names: */
+  uint64_t area_offset, area_length;    /* the FDE header extension */
+  char cipher_alg[48];          /* "aes-256" */
+  char cipher_mode[33];         /* "xts" */
+  char ivgen_alg[33];           /* "plain64", "essiv" */
+  char ivgen_hash_alg[33];      /* "" when there is none */
+  char hash_alg[33];            /* "sha256" */
+  char uuid[41];
+  uint64_t payload_offset;      /* bytes */
+  uint32_t master_key_iters;
+  struct {
+    bool active;
+    uint32_t iters, stripes;
+    uint64_t key_offset;        /* bytes from the start of the area */
+  } slots[8];
+};
+/* Reads the encryption parameters from the header and the LUKS header
+ * (no password needed). */
+int q2_encrypt_info_get (const struct q2_image *img,
+                         struct q2_encrypt_info *info);
 
 #define Q2_REPAIR_NONE 0
 #define Q2_REPAIR_LEAKS 1

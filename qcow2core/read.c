@@ -95,6 +95,9 @@ read_normal (struct q2_image *img, const struct q2_map *m, uint8_t *buf,
 {
   if (img->crypto)
     return read_encrypted (img, m->host_offset, buf, count, offset);
+  if (img->hdr.crypt_method)
+    return q2_err (EPERM, "the image is encrypted and was opened without "
+                   "its password; its data cannot be read");
   /* The last cluster may be shorter in the file than a full cluster;
    * QEMU reads the missing part as zeros, and so do we. */
   return q2_io_pread (img->data_fd, buf, count, m->host_offset, true,

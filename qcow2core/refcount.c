@@ -147,6 +147,7 @@ create_refblock (struct q2_image *img, uint64_t rt_index, uint64_t avoid)
   q2_cache_discard (img->rb_cache, loc << img->cluster_bits,
                     img->cluster_size);
   img->reftable[rt_index] = loc << img->cluster_bits;
+  img->meta_stale = true;
   img->reftable_dirty = true;
   img->reftable_used = Q2_MAX (img->reftable_used, rt_index + 1);
   /* The block counts itself. */
@@ -314,6 +315,7 @@ grow_reftable (struct q2_image *img, uint64_t need_rt)
 
   free (img->reftable);
   img->reftable = table;
+  img->meta_stale = true;
   table = NULL;
   img->reftable_entries = entries;
   img->reftable_dirty = false;

@@ -557,6 +557,7 @@ grow_l1 (struct q2_image *img, uint32_t new_size)
   free (img->l1);
   img->l1 = l1;
   img->l1_size = new_size;
+  img->meta_stale = true;
   img->hdr.l1_table_offset = off;
   img->hdr.l1_size = new_size;
   img->l1_dirty = true;
@@ -601,6 +602,7 @@ apply_locked (struct q2_image *img, const char *name_or_id)
   memcpy (old, img->l1, (uint64_t) img->l1_size * 8);
   for (i = 0; i < img->l1_size; i++)
     img->l1[i] = i < s->l1_size ? sl1[i] & ~QCOW_OFLAG_COPIED : 0;
+  img->meta_stale = true;
   img->l1_dirty = true;
   q2_cache_discard (img->l2_cache, 0, UINT64_MAX);
   if ((r = q2_flush_locked (img)) < 0) {

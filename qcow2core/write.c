@@ -67,6 +67,7 @@ q2_l2_table_for_write (struct q2_image *img, uint64_t guest_offset,
   q2_cache_discard (img->l2_cache, t, img->cluster_size);
   /* The L1 entry reaches the disk at flush, after the table is synced. */
   img->l1[l1_index] = t | QCOW_OFLAG_COPIED;
+  img->meta_stale = true;
   img->l1_dirty = true;
   if (old && (r = q2_free_later (img, old, img->cluster_size)) < 0)
     return r;
@@ -392,8 +393,10 @@ write_in_place (struct q2_image *img, const uint8_t *buf, uint64_t count,
                 uint64_t offset, uint64_t *done)
 {
   *done = 0;
-  /* Encrypted sectors need read-modify-write: the exclusive path. */
-  if (img->readonly || img->corrupt || !img->header_touched || img->crypto)
+  /* Encrypted sectors need read-modify-write, and a stale overlap
+   * index a rebuild: both take the exclusive path. */
+  if (img->readonly || img->corrupt || !img->header_touched || img->crypto ||
+      img->meta_stale)
     return 0;
   while (count > 0) {
     struct q2_map m;
@@ -460,6 +463,9 @@ q2_pwrite (struct q2_image *img, const void *buf, uint64_t count,
     if (r == 0)
       r = q2_write_locked (img, (const uint8_t *) buf + done, count - done,
                            offset + done);
+    /* Leave the index fresh for the shared-lock path. */
+    if (r == 0)
+      r = q2_meta_index_refresh (img);
     pthread_rwlock_unlock (&img->io_lock);
     if (r < 0)
       return r;

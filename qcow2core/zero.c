@@ -242,6 +242,8 @@ q2_zero (struct q2_image *img, uint64_t count, uint64_t offset,
   r = q2_prepare_write (img);
   if (r == 0)
     r = zero_locked (img, offset, count, may_trim, fast);
+  if (r == 0)
+    r = q2_meta_index_refresh (img);
   if (r == 0 && fua)
     r = q2_flush_locked (img);
   pthread_rwlock_unlock (&img->io_lock);
@@ -259,6 +261,8 @@ q2_trim (struct q2_image *img, uint64_t count, uint64_t offset, bool fua)
   r = q2_prepare_write (img);
   if (r == 0)
     r = trim_locked (img, offset, count);
+  if (r == 0)
+    r = q2_meta_index_refresh (img);
   if (r == 0 && fua)
     r = q2_flush_locked (img);
   pthread_rwlock_unlock (&img->io_lock);

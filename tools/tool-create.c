@@ -1,5 +1,6 @@
 /* qcow2-tool create: a new qcow2 image, with qemu-img create's -o
  * options. */
+#include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +23,21 @@ static const char create_help[] =
   "  -o lazy_refcounts=on|off\n"
   "  -o preallocation=off|metadata|falloc|full\n"
   "  -o backing_file=NAME,backing_fmt=FMT   the same as -b and -F\n"
+  "  -o encrypt.format=aes|luks    encrypt (legacy AES or LUKS1); needs a\n"
+  "                                password (see below)\n"
+  "  -o encryption=on              the same as encrypt.format=aes\n"
+  "  -o encrypt.cipher-alg=aes-128|aes-192|aes-256   LUKS (default aes-256)\n"
+  "  -o encrypt.cipher-mode=xts|cbc                  LUKS (default xts)\n"
+  "  -o encrypt.ivgen-alg=plain64|plain|essiv        LUKS (default plain64)\n"
+  "  -o encrypt.ivgen-hash-alg=sha256                LUKS with essiv\n"
+  "  -o encrypt.hash-alg=sha1|sha256|sha384|sha512   LUKS (default sha256)\n"
+  "  -o encrypt.iter-time=MS       LUKS PBKDF2 time (default 2000)\n"
+  "  -o encrypt.iter=N             LUKS PBKDF2 iterations (instead)\n"
+  "  -o encrypt.key-secret=ID      the password from --object secret,id=ID\n"
+  "  --password SECRET             the password of an encrypted image\n"
+  "  --password-file FILE          ... read from FILE (one trailing newline\n"
+  "                                is dropped)\n"
+  "  --object secret,id=ID,data=SECRET|file=FILE   as qemu-img\n"
   "  -b BACKING   backing file, stored as given (relative to IMG's directory)\n"
   "  -F FMT       backing file format (qcow2 or raw)\n"
   "  -u           do not open the backing file to check it\n"
@@ -84,10 +100,262 @@ set_number_option (const char *key, const char *v, uint32_t *out)
   return 0;
 }
 
+/* Where the password comes from: --password, --password-file or
+ * --object secret (selected by encrypt.key-secret). */
+struct secrets {
+  const char *password;
+  char *password_buf;           /* --password-file, malloc'd */
+  const char *key_secret;       /* -o encrypt.key-secret=ID */
+  struct {
+    char *id, *data;            /* malloc'd */
+  } objects[8];
+  int nb_objects;
+};
+
+static void
+free_secrets (struct secrets *sec)
+{
+  int i;
+
+  if (sec->password_buf) {
+    explicit_bzero (sec->password_buf, strlen (sec->password_buf));
+    free (sec->password_buf);
+  }
+  for (i = 0; i < sec->nb_objects; i++) {
+    free (sec->objects[i].id);
+    if (sec->objects[i].data) {
+      explicit_bzero (sec->objects[i].data, strlen (sec->objects[i].data));
+      free (sec->objects[i].data);
+    }
+  }
+}
+
+/* The whole content of a file; with chomp, one trailing newline is
+ * dropped. */
+static char *
+read_secret_file (const char *path, bool chomp)
+{
+  FILE *f = fopen (path, "re");
+  char *buf = NULL;
+  size_t len = 0, cap = 0, n;
+
+  if (f == NULL) {
+    tool_error ("%s: %s", path, strerror (errno));
+    return NULL;
+  }
+  for (;;) {
+    if (cap - len < 4096) {
+      char *nb;
+      cap = cap ? cap * 2 : 4096;
+      nb = realloc (buf, cap);
+      if (nb == NULL) {
+        free (buf);
+        fclose (f);
+        tool_error ("out of memory");
+        return NULL;
+      }
+      buf = nb;
+    }
+    n = fread (buf + len, 1, cap - len - 1, f);
+    len += n;
+    if (n == 0)
+      break;
+  }
+  if (ferror (f)) {
+    tool_error ("%s: %s", path, strerror (errno));
+    fclose (f);
+    free (buf);
+    return NULL;
+  }
+  fclose (f);
+  buf[len] = '\0';
+  if (strlen (buf) != len) {
+    tool_error ("%s: the password contains a NUL byte", path);
+    free (buf);
+    return NULL;
+  }
+  if (chomp && len > 0 && buf[len - 1] == '\n')
+    buf[len - 1] = '\0';
+  return buf;
+}
+
+/* --object secret,id=ID,data=SECRET or secret,id=ID,file=FILE */
+static int
+add_object (struct secrets *sec, const char *spec)
+{
+  char *copy = strdup (spec), *save = NULL, *item, *id = NULL;
+  char *data = NULL;
+  bool first = true;
+  int r = -1;
+
+  if (copy == NULL) {
+    tool_error ("out of memory");
+    return -1;
+  }
+  for (item = strtok_r (copy, ",", &save); item;
+       item = strtok_r (NULL, ",", &save), first = false) {
+    char *eq = strchr (item, '=');
+    if (first && eq == NULL) {
+      if (strcmp (item, "secret") != 0) {
+        tool_error ("--object: only 'secret' objects are supported, not "
+                    "'%s'", item);
+        goto out;
+      }
+      continue;
+    }
+    if (eq == NULL) {
+      tool_error ("--object: invalid parameter '%s'", item);
+      goto out;
+    }
+    *eq = '\0';
+    if (strcmp (item, "qom-type") == 0 && strcmp (eq + 1, "secret") == 0)
+      continue;
+    else if (strcmp (item, "id") == 0) {
+      free (id);
+      id = strdup (eq + 1);
+    }
+    else if (strcmp (item, "data") == 0 || strcmp (item, "file") == 0) {
+      if (data) {
+        explicit_bzero (data, strlen (data));
+        free (data);
+      }
+      /* Like QEMU, a secret file is used verbatim. */
+      data = item[0] == 'd' ? strdup (eq + 1)
+        : read_secret_file (eq + 1, false);
+      if (data == NULL)
+        goto out;
+    }
+    else if (strcmp (item, "format") == 0 && strcmp (eq + 1, "raw") == 0)
+      continue;
+    else {
+      tool_error ("--object secret: unsupported parameter '%s'", item);
+      goto out;
+    }
+  }
+  if (id == NULL || data == NULL) {
+    tool_error ("--object secret: both id= and data= (or file=) are "
+                "needed");
+    goto out;
+  }
+  if (sec->nb_objects == (int) (sizeof sec->objects / sizeof sec->objects[0])) {
+    tool_error ("--object: too many secrets");
+    goto out;
+  }
+  sec->objects[sec->nb_objects].id = id;
+  sec->objects[sec->nb_objects].data = data;
+  sec->nb_objects++;
+  id = data = NULL;
+  r = 0;
+ out:
+  /* copy held the secret too. */
+  explicit_bzero (copy, strlen (spec));
+  free (copy);
+  free (id);
+  if (data) {
+    explicit_bzero (data, strlen (data));
+    free (data);
+  }
+  return r;
+}
+
+/* Sets o->password from the secrets; -1 (reported) on failure. */
+static int
+resolve_password (struct q2_create_opts *o, struct secrets *sec)
+{
+  int i;
+
+  if (sec->key_secret) {
+    for (i = sec->nb_objects - 1; i >= 0; i--)
+      if (strcmp (sec->objects[i].id, sec->key_secret) == 0) {
+        o->password = sec->objects[i].data;
+        break;
+      }
+    if (i < 0) {
+      tool_error ("No secret with id '%s'", sec->key_secret);
+      return -1;
+    }
+    if (sec->password) {
+      tool_error ("--password and encrypt.key-secret cannot be used "
+                  "together");
+      return -1;
+    }
+  }
+  else if (sec->password)
+    o->password = sec->password;
+  return 0;
+}
+
+static int
+set_uint32_plain (const char *key, const char *v, uint32_t *out)
+{
+  char *end;
+  unsigned long long n;
+
+  errno = 0;
+  n = strtoull (v, &end, 10);
+  if (errno || end == v || *end || n == 0 || n > UINT32_MAX || v[0] == '-') {
+    tool_error ("%s: invalid value '%s' (a number from 1 to %u)", key, v,
+                UINT32_MAX);
+    return -1;
+  }
+  *out = n;
+  return 0;
+}
+
+static int
+set_encrypt_option (struct q2_create_opts *o, struct secrets *sec,
+                    const char *key, const char *v)
+{
+  const char *k = key + strlen ("encrypt.");
+
+  if (strcmp (k, "format") == 0) {
+    if (strcmp (v, "aes") == 0)
+      o->encrypt_format = Q2_ENCRYPT_AES;
+    else if (strcmp (v, "luks") == 0)
+      o->encrypt_format = Q2_ENCRYPT_LUKS;
+    else {
+      tool_error ("Parameter 'format' does not accept value '%s'", v);
+      return -1;
+    }
+  }
+  else if (strcmp (k, "key-secret") == 0)
+    sec->key_secret = v;
+  else if (strcmp (k, "cipher-alg") == 0)
+    o->cipher_alg = v;
+  else if (strcmp (k, "cipher-mode") == 0)
+    o->cipher_mode = v;
+  else if (strcmp (k, "ivgen-alg") == 0)
+    o->ivgen_alg = v;
+  else if (strcmp (k, "ivgen-hash-alg") == 0)
+    o->ivgen_hash_alg = v;
+  else if (strcmp (k, "hash-alg") == 0)
+    o->hash_alg = v;
+  else if (strcmp (k, "iter-time") == 0)
+    return set_uint32_plain (key, v, &o->iter_time_ms);
+  else if (strcmp (k, "iter") == 0)
+    return set_uint32_plain (key, v, &o->iterations);
+  else {
+    tool_error ("Invalid parameter '%s'", key);
+    return -1;
+  }
+  return 0;
+}
+
 /* Applies one key=value of -o. */
 static int
-set_option (struct q2_create_opts *o, const char *key, const char *v)
+set_option (struct q2_create_opts *o, struct secrets *sec, const char *key,
+            const char *v)
 {
+  if (strncmp (key, "encrypt.", 8) == 0)
+    return set_encrypt_option (o, sec, key, v);
+  if (strcmp (key, "encryption") == 0) {
+    bool on;
+    if (set_bool_option (key, v, &on) < 0)
+      return -1;
+    if (on)
+      o->encrypt_format = Q2_ENCRYPT_AES;
+    return 0;
+  }
   if (strcmp (key, "compat") == 0)
     return set_compat (o, v);
   if (strcmp (key, "cluster_size") == 0)
@@ -126,7 +394,8 @@ set_option (struct q2_create_opts *o, const char *key, const char *v)
 
 /* Splits "a=1,b=2" (the string is modified and must stay alive). */
 static int
-parse_o_list (struct q2_create_opts *o, char *list, bool *help)
+parse_o_list (struct q2_create_opts *o, struct secrets *sec, char *list,
+              bool *help)
 {
   char *save = NULL, *item;
 
@@ -142,7 +411,7 @@ parse_o_list (struct q2_create_opts *o, char *list, bool *help)
       return -1;
     }
     *eq = '\0';
-    if (set_option (o, item, eq + 1) < 0)
+    if (set_option (o, sec, item, eq + 1) < 0)
       return -1;
   }
   return 0;
@@ -150,13 +419,35 @@ parse_o_list (struct q2_create_opts *o, char *list, bool *help)
 
 static void
 print_formatting (const char *path, uint64_t size,
-                  const struct q2_create_opts *o)
+                  const struct q2_create_opts *o, const struct secrets *sec)
 {
   static const char *const prealloc[] = { "off", "metadata", "falloc",
                                           "full" };
 
-  printf ("Formatting '%s', fmt=qcow2 cluster_size=%u extended_l2=%s",
-          path, o->cluster_size, o->extended_l2 ? "on" : "off");
+  printf ("Formatting '%s', fmt=qcow2", path);
+  /* The encrypt.* options as given (never the password). */
+  if (o->encrypt_format) {
+    printf (" encrypt.format=%s",
+            o->encrypt_format == Q2_ENCRYPT_AES ? "aes" : "luks");
+    if (sec->key_secret)
+      printf (" encrypt.key-secret=%s", sec->key_secret);
+    if (o->cipher_alg)
+      printf (" encrypt.cipher-alg=%s", o->cipher_alg);
+    if (o->cipher_mode)
+      printf (" encrypt.cipher-mode=%s", o->cipher_mode);
+    if (o->ivgen_alg)
+      printf (" encrypt.ivgen-alg=%s", o->ivgen_alg);
+    if (o->ivgen_hash_alg)
+      printf (" encrypt.ivgen-hash-alg=%s", o->ivgen_hash_alg);
+    if (o->hash_alg)
+      printf (" encrypt.hash-alg=%s", o->hash_alg);
+    if (o->iter_time_ms)
+      printf (" encrypt.iter-time=%u", o->iter_time_ms);
+    if (o->iterations)
+      printf (" encrypt.iter=%u", o->iterations);
+  }
+  printf (" cluster_size=%u extended_l2=%s", o->cluster_size,
+          o->extended_l2 ? "on" : "off");
   if (o->preallocation != Q2_PREALLOC_OFF)
     printf (" preallocation=%s", prealloc[o->preallocation]);
   printf (" compression_type=%s", o->compression_type ? "zstd" : "zlib");
@@ -177,15 +468,20 @@ cmd_create (int argc, char **argv)
 {
   static const struct option long_opts[] = {
     { "help", no_argument, NULL, 'h' },
+    { "password", required_argument, NULL, 'P' },
+    { "password-file", required_argument, NULL, 'W' },
+    { "object", required_argument, NULL, 'J' },
     { NULL, 0, NULL, 0 },
   };
   struct q2_create_opts o;
+  struct secrets sec;
   uint64_t size = UINT64_MAX;
   bool quiet = false, help = false;
   const char *path;
-  int c;
+  int c, ret = EXIT_FAIL;
 
   q2_create_opts_init (&o);
+  memset (&sec, 0, sizeof sec);
   if (wants_help (argc, argv)) {
     fputs (create_help, stdout);
     return 0;
@@ -201,43 +497,66 @@ cmd_create (int argc, char **argv)
       if (strcmp (optarg, "qcow2") != 0) {
         tool_error ("only the qcow2 format can be created, not '%s'",
                     optarg);
-        return EXIT_FAIL;
+        goto out;
       }
       break;
     case 'o':
-      if (parse_o_list (&o, optarg, &help) < 0)
-        return EXIT_FAIL;
+      if (parse_o_list (&o, &sec, optarg, &help) < 0)
+        goto out;
+      break;
+    case 'P':
+      sec.password = optarg;
+      break;
+    case 'W':
+      if (sec.password_buf) {
+        explicit_bzero (sec.password_buf, strlen (sec.password_buf));
+        free (sec.password_buf);
+      }
+      sec.password_buf = read_secret_file (optarg, true);
+      if (sec.password_buf == NULL)
+        goto out;
+      sec.password = sec.password_buf;
+      break;
+    case 'J':
+      if (add_object (&sec, optarg) < 0)
+        goto out;
       break;
     default:
       fputs (create_help, stderr);
-      return EXIT_FAIL;
+      goto out;
     }
   }
   if (help) {
     fputs (create_help, stdout);
-    return 0;
+    ret = 0;
+    goto out;
   }
   if (argc - optind < 1 || argc - optind > 2) {
     tool_error ("create: expecting IMG [SIZE]");
     fputs (create_help, stderr);
-    return EXIT_FAIL;
+    goto out;
   }
   path = argv[optind];
   if (argc - optind == 2 && !parse_size (argv[optind + 1], &size)) {
     tool_error ("Invalid image size specified. You may use k, M, G, T, P "
                 "or E suffixes for kilobytes, megabytes, gigabytes, "
                 "terabytes, petabytes and exabytes.");
-    return EXIT_FAIL;
+    goto out;
   }
   if (size == UINT64_MAX && o.backing_file == NULL) {
     tool_error ("Image creation needs a size parameter");
-    return EXIT_FAIL;
+    goto out;
   }
+  if (resolve_password (&o, &sec) < 0)
+    goto out;
   if (!quiet)
-    print_formatting (path, size, &o);
+    print_formatting (path, size, &o, &sec);
   if (q2_create (path, size, &o) < 0) {
     tool_core_error (NULL);
-    return EXIT_FAIL;
+    goto out;
   }
-  return 0;
+  ret = 0;
+ out:
+  free_secrets (&sec);
+  return ret;
 }

@@ -16,7 +16,12 @@ static const char info_help[] =
   "Shows the format version, virtual and disk size, cluster size, refcount\n"
   "width, features, backing file and snapshots of IMG.  --json prints the\n"
   "keys of 'qemu-img info --output=json'; --backing-chain shows every layer\n"
-  "(a JSON array with --json).\n";
+  "(a JSON array with --json).\n"
+  "\n"
+  "Encrypted images need no password: the encryption format and the LUKS\n"
+  "parameters (cipher, mode, IV generator, hashes, key slots) are read\n"
+  "from the headers; key material is never shown.  Their backing files\n"
+  "are not opened.\n";
 
 /* One layer, with the name qemu would show for it. */
 struct layer {
@@ -24,6 +29,7 @@ struct layer {
   struct q2_image_info info;
   char *name;
   char *backing_name;           /* full backing file name, or NULL */
+  struct q2_encrypt_info enc;
 };
 
 static uint64_t
@@ -96,6 +102,89 @@ print_snapshot_table (struct q2_image *img)
   }
 }
 
+/* QEMU's QAPI order of the encrypt fields. */
+static void
+print_encrypt_text (const struct q2_encrypt_info *e)
+{
+  int i;
+
+  printf ("    encrypt:\n");
+  if (e->format != Q2_ENCRYPT_LUKS) {
+    printf ("        format: aes\n");
+    return;
+  }
+  printf ("        ivgen alg: %s\n", e->ivgen_alg);
+  printf ("        hash alg: %s\n", e->hash_alg);
+  printf ("        cipher alg: %s\n", e->cipher_alg);
+  printf ("        uuid: %s\n", e->uuid);
+  if (e->ivgen_hash_alg[0])
+    printf ("        ivgen hash alg: %s\n", e->ivgen_hash_alg);
+  printf ("        format: luks\n");
+  printf ("        cipher mode: %s\n", e->cipher_mode);
+  printf ("        slots:\n");
+  for (i = 0; i < 8; i++) {
+    printf ("            [%d]:\n", i);
+    printf ("                active: %s\n", bool_name (e->slots[i].active));
+    if (e->slots[i].active)
+      printf ("                iters: %u\n", e->slots[i].iters);
+    printf ("                key offset: %" PRIu64 "\n",
+            e->slots[i].key_offset);
+    if (e->slots[i].active)
+      printf ("                stripes: %u\n", e->slots[i].stripes);
+  }
+  printf ("        payload offset: %" PRIu64 "\n", e->payload_offset);
+  printf ("        master key iters: %u\n", e->master_key_iters);
+}
+
+static void
+print_encrypt_json (const struct q2_encrypt_info *e, const char *indent)
+{
+  int i;
+
+  printf ("%s            \"encrypt\": {\n", indent);
+  if (e->format != Q2_ENCRYPT_LUKS) {
+    printf ("%s                \"format\": \"aes\"\n", indent);
+    printf ("%s            }", indent);
+    return;
+  }
+  printf ("%s                \"ivgen-alg\": ", indent);
+  json_string (stdout, e->ivgen_alg);
+  printf (",\n%s                \"hash-alg\": ", indent);
+  json_string (stdout, e->hash_alg);
+  printf (",\n%s                \"cipher-alg\": ", indent);
+  json_string (stdout, e->cipher_alg);
+  printf (",\n%s                \"uuid\": ", indent);
+  json_string (stdout, e->uuid);
+  if (e->ivgen_hash_alg[0]) {
+    printf (",\n%s                \"ivgen-hash-alg\": ", indent);
+    json_string (stdout, e->ivgen_hash_alg);
+  }
+  printf (",\n%s                \"format\": \"luks\",\n", indent);
+  printf ("%s                \"cipher-mode\": ", indent);
+  json_string (stdout, e->cipher_mode);
+  printf (",\n%s                \"slots\": [\n", indent);
+  for (i = 0; i < 8; i++) {
+    printf ("%s                    {\n", indent);
+    printf ("%s                        \"active\": %s,\n", indent,
+            bool_name (e->slots[i].active));
+    if (e->slots[i].active)
+      printf ("%s                        \"iters\": %u,\n", indent,
+              e->slots[i].iters);
+    printf ("%s                        \"key-offset\": %" PRIu64 "%s\n",
+            indent, e->slots[i].key_offset, e->slots[i].active ? "," : "");
+    if (e->slots[i].active)
+      printf ("%s                        \"stripes\": %u\n", indent,
+              e->slots[i].stripes);
+    printf ("%s                    }%s\n", indent, i < 7 ? "," : "");
+  }
+  printf ("%s                ],\n", indent);
+  printf ("%s                \"payload-offset\": %" PRIu64 ",\n", indent,
+          e->payload_offset);
+  printf ("%s                \"master-key-iters\": %u\n", indent,
+          e->master_key_iters);
+  printf ("%s            }", indent);
+}
+
 static void
 print_text (const struct layer *l)
 {
@@ -110,6 +199,8 @@ print_text (const struct layer *l)
   printf ("disk size: %s\n", buf);
   if (strcmp (in->format, "qcow2") != 0)
     return;
+  if (l->enc.format)
+    printf ("encrypted: yes\n");
   printf ("cluster_size: %u\n", in->cluster_size);
   if (in->backing_file) {
     printf ("backing file: %s", in->backing_file);
@@ -125,6 +216,8 @@ print_text (const struct layer *l)
   printf ("    compression type: %s\n", in->compression_type ? "zstd" : "zlib");
   printf ("    lazy refcounts: %s\n", bool_name (in->lazy_refcounts));
   printf ("    refcount bits: %u\n", in->refcount_bits);
+  if (l->enc.format)
+    print_encrypt_text (&l->enc);
   printf ("    corrupt: %s\n", bool_name (in->corrupt));
   if (in->data_file)
     printf ("    data file: %s\n", in->data_file);
@@ -204,6 +297,10 @@ print_json (const struct layer *l, const char *indent)
               bool_name (in->lazy_refcounts));
       printf ("%s            \"refcount-bits\": %u,\n", indent,
               in->refcount_bits);
+      if (l->enc.format) {
+        print_encrypt_json (&l->enc, indent);
+        printf (",\n");
+      }
       printf ("%s            \"corrupt\": %s,\n", indent,
               bool_name (in->corrupt));
       printf ("%s            \"extended-l2\": %s\n", indent,
@@ -211,8 +308,12 @@ print_json (const struct layer *l, const char *indent)
     }
     else {
       printf ("%s            \"compression-type\": \"zlib\",\n", indent);
-      printf ("%s            \"refcount-bits\": %u\n", indent,
-              in->refcount_bits);
+      printf ("%s            \"refcount-bits\": %u%s\n", indent,
+              in->refcount_bits, l->enc.format ? "," : "");
+      if (l->enc.format) {
+        print_encrypt_json (&l->enc, indent);
+        printf ("\n");
+      }
     }
     printf ("%s        }\n%s    },\n", indent, indent);
   }
@@ -223,8 +324,18 @@ print_json (const struct layer *l, const char *indent)
     json_string (stdout, in->backing_file);
     printf (",\n");
   }
+  if (l->enc.format)
+    printf ("%s    \"encrypted\": true,\n", indent);
   printf ("%s    \"dirty-flag\": %s\n", indent, bool_name (in->dirty));
   printf ("%s}", indent);
+}
+
+static bool
+hdr_is_encrypted (struct q2_image *img, struct q2_encrypt_info *enc)
+{
+  /* The format is known even when the LUKS header is damaged. */
+  q2_encrypt_info_get (img, enc);
+  return enc->format != 0;
 }
 
 /* Collects the layers of the chain with their display names. */
@@ -243,12 +354,46 @@ collect_layers (struct q2_image *top, const char *top_name,
     l->name = strdup (name);
     l->backing_name = l->info.backing_file ?
       combine_backing_name (name, l->info.backing_file) : NULL;
-    if (l->name == NULL || (l->info.backing_file && !l->backing_name))
+    if (l->name == NULL || (l->info.backing_file && !l->backing_name)) {
+      tool_error ("out of memory");
       return -1;
+    }
+    if (q2_encrypt_info_get (img, &l->enc) < 0) {
+      tool_error ("Could not open '%s': %s", name, q2_last_error ());
+      return -1;
+    }
     name = l->backing_name;
     img = l->info.backing;
   }
   return n;
+}
+
+/* Opens the image (and its chain); an encrypted image, which needs a key
+ * to be opened for I/O, is opened header-only: info needs no password. */
+static struct q2_image *
+open_for_info (const char *path)
+{
+  struct q2_open_opts opts = { .readonly = true, .locking = true };
+  struct q2_open_opts hdr_opts = { .readonly = true, .no_key = true };
+  struct q2_image *img, *hdr;
+  struct q2_encrypt_info enc;
+  char *msg;
+
+  if (q2_open (path, &opts, &img) == 0)
+    return img;
+  msg = strdup (q2_last_error ());
+  if (q2_open (path, &hdr_opts, &hdr) == 0) {
+    /* Only for the encrypted image itself; for anything else the first
+     * error stands.  A damaged LUKS header is reported by the caller. */
+    if (hdr_is_encrypted (hdr, &enc)) {
+      free (msg);
+      return hdr;
+    }
+    q2_close (hdr);
+  }
+  tool_error ("Could not open '%s': %s", path, msg ? msg : "out of memory");
+  free (msg);
+  return NULL;
 }
 
 int
@@ -295,14 +440,17 @@ cmd_info (int argc, char **argv)
     tool_error ("info: expecting one image");
     return EXIT_FAIL;
   }
-  img = open_image (argv[optind], false);
+  img = open_for_info (argv[optind]);
   if (img == NULL)
     return EXIT_FAIL;
   memset (layers, 0, sizeof layers);
   n = collect_layers (img, argv[optind], layers, chain ?
                       Q2_MAX_CHAIN_DEPTH + 2 : 1);
   if (n < 0) {
-    tool_error ("out of memory");
+    for (i = 0; i < Q2_MAX_CHAIN_DEPTH + 2; i++) {
+      free (layers[i].name);
+      free (layers[i].backing_name);
+    }
     q2_close (img);
     return EXIT_FAIL;
   }
