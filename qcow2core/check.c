@@ -8,6 +8,7 @@
 #include "internal.h"
 
 #define BITMAP_ENTRY_OFFSET_MASK 0x00fffffffffffe00ULL
+#define MAX_COUNTED_CLUSTERS (256u << 20)
 
 struct walk {
   struct q2_image *img;
@@ -192,6 +193,11 @@ q2_count_references (struct q2_image *img, bool with_refcount_structures,
   int r;
 
   w.nb = (img->file_size + img->cluster_size - 1) >> img->cluster_bits;
+  /* 4 bytes per cluster of the file: bound it (1 GiB of counters). */
+  if (w.nb > MAX_COUNTED_CLUSTERS)
+    return q2_err (EFBIG, "the file has %llu clusters, too many to count "
+                   "references in memory (at most %u)",
+                   (unsigned long long) w.nb, MAX_COUNTED_CLUSTERS);
   w.refs = calloc (w.nb ? w.nb : 1, sizeof *w.refs);
   buf = malloc (img->cluster_size);
   if (w.refs == NULL || buf == NULL) {
@@ -369,29 +375,14 @@ q2_rebuild_refcounts (struct q2_image *img)
   for (i = 0; i < k; i++)
     table[i] = (start + table_clusters + i) * cs;
 
-  if ((r = q2_io_pwrite (img->fd, blocks, k * cs,
-                         (start + table_clusters) * cs,
-                         "rebuilt refcount blocks")) < 0 ||
-      (r = q2_write_reftable (img, table, entries, start * cs)) < 0 ||
-      (r = q2_sync (img)) < 0)
+  /* The old structures are no longer referenced: never flush them. */
+  q2_cache_discard (img->rb_cache, 0, UINT64_MAX);
+  if ((r = q2_install_reftable (img, table, entries, start, table_clusters,
+                                blocks, k)) < 0)
     goto out;
-  q2_put_be64 (hdr, start * cs);
-  q2_put_be32 (hdr + 8, table_clusters);
-  if ((r = q2_write_header_field (img, 48, hdr, 12)) < 0)
-    goto out;
-
-  free (img->reftable);
-  img->reftable = table;
-  img->meta_stale = true;
   table = NULL;
-  img->reftable_entries = entries;
-  img->reftable_used = k;
-  img->reftable_dirty = false;
-  img->hdr.refcount_table_offset = start * cs;
-  img->hdr.refcount_table_clusters = table_clusters;
   img->file_size = Q2_MAX (img->file_size, end * cs);
   img->free_hint = 0;
-  q2_cache_discard (img->rb_cache, 0, UINT64_MAX);
 
   /* COPIED flags follow the new refcounts; then the image is clean. */
   arr.refs = refs;

@@ -243,51 +243,13 @@ run_pass (struct q2_image *img, const struct q2_check_result *out,
  * this accepts images marked corrupt or dirty: fixing them is the
  * point. */
 static int
-reopen_fd_rw (int fd, const char *path, const char *what)
-{
-  int nfd = open (path, O_RDWR | O_CLOEXEC);
-
-  if (nfd == -1) {
-    int e = errno;
-    return q2_err (e, "%s: cannot open %s read-write: %s", what, path,
-                   strerror (e));
-  }
-  if (dup2 (nfd, fd) == -1) {
-    int e = errno;
-    close (nfd);
-    return q2_err (e, "%s: dup2: %s", what, strerror (e));
-  }
-  close (nfd);
-  return 0;
-}
-
-static int
 open_for_repair (struct q2_image *img)
 {
-  uint64_t i;
-  int r;
+  int r = q2_switch_to_rw (img);
 
-  if (!img->readonly)
-    return 0;
-  if ((r = reopen_fd_rw (img->fd, img->path, "image")) < 0)
-    return r;
-  /* The new file description has no locks yet. */
-  if (img->locking && (r = q2_lock_image (img->fd, img->path, true)) < 0)
-    return r;
-  if (img->data_fd != img->fd &&
-      (r = reopen_fd_rw (img->data_fd, img->data_path,
-                         "external data file")) < 0)
-    return r;
-  img->reftable_used = 0;
-  for (i = 0; i < img->reftable_entries; i++)
-    if (img->reftable[i])
-      img->reftable_used = i + 1;
-  img->free_hint = 0;
-  img->corrupt = false;
-  q2_cache_set_writeback (img->l2_cache, q2_l2_writeback, img);
-  q2_cache_set_writeback (img->rb_cache, q2_rb_writeback, img);
-  img->readonly = false;
-  return 0;
+  if (r == 0)
+    img->corrupt = false;
+  return r;
 }
 
 /* After a repair that left no corruption, the image is clean again. */

@@ -292,6 +292,9 @@ int q2_open_layer (const char *path, const char *format,
                    const struct q2_open_opts *opts, int depth,
                    const char *const *chain, struct q2_image **out);
 void q2_free_layer (struct q2_image *img);
+/* Reopens the files read-write and arms the write path, without the
+ * policy checks of q2_make_writable (for repairs). */
+int q2_switch_to_rw (struct q2_image *img);
 
 int q2_snapshots_load (struct q2_image *img);
 void q2_snapshots_free (struct q2_image *img);
@@ -455,10 +458,19 @@ int q2_check_overlap (struct q2_image *img, uint64_t off, uint64_t len,
 int q2_meta_index_refresh (struct q2_image *img);
 int q2_write_reftable (struct q2_image *img, const uint64_t *table,
                        uint64_t entries, uint64_t offset);
+/* Writes nb_blocks new refcount blocks after a new table at cluster
+ * start, the table, syncs, points the header at it, and takes over
+ * table (malloc'd) as the in-memory refcount table. */
+int q2_install_reftable (struct q2_image *img, uint64_t *table,
+                         uint64_t entries, uint64_t start,
+                         uint64_t table_clusters, const uint8_t *blocks,
+                         uint64_t nb_blocks);
 /* Before the first change: clears autoclear bits on disk. */
 int q2_prepare_write (struct q2_image *img);
 int q2_flush_locked (struct q2_image *img);
 int q2_write_header_field (struct q2_image *img, uint64_t offset,
                            const void *data, size_t len);
+/* Sets or clears the dirty bit on disk, synced (v3 only). */
+int q2_set_dirty (struct q2_image *img, bool dirty);
 
 #endif /* QCOW2CORE_INTERNAL_H */

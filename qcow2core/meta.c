@@ -51,6 +51,22 @@ q2_mark_corrupt (struct q2_image *img, const char *fmt, ...)
                  "writes are refused", msg);
 }
 
+int
+q2_set_dirty (struct q2_image *img, bool dirty)
+{
+  uint8_t b[8];
+  uint64_t f = img->hdr.incompatible_features;
+
+  if (img->hdr.version < 3)
+    return 0;                   /* v2 has no dirty bit */
+  f = dirty ? f | QCOW2_INCOMPAT_DIRTY : f & ~QCOW2_INCOMPAT_DIRTY;
+  if (f == img->hdr.incompatible_features)
+    return 0;
+  q2_put_be64 (b, f);
+  img->hdr.incompatible_features = f;
+  return q2_write_header_field (img, 72, b, 8);
+}
+
 static bool
 overlaps (uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
 {

@@ -45,8 +45,11 @@ open_file (const char *path, bool readonly, const char *what, int *fd,
 {
   struct stat st;
   off_t end;
+  int fl;
 
-  *fd = open (path, (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  /* O_NONBLOCK: a FIFO named by an untrusted image must not block us
+   * before the file type check below refuses it. */
+  *fd = open (path, (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK);
   if (*fd == -1) {
     int e = errno;
     return q2_err (e, "%s: %s: %s", what, path, strerror (e));
@@ -58,6 +61,8 @@ open_file (const char *path, bool readonly, const char *what, int *fd,
     return q2_err (EINVAL, "%s: %s: not a regular file or block device",
                    what, path);
   }
+  if ((fl = fcntl (*fd, F_GETFL)) != -1)
+    fcntl (*fd, F_SETFL, fl & ~O_NONBLOCK);
   end = lseek (*fd, 0, SEEK_END);
   if (end == -1) {
     int e = errno;
@@ -473,22 +478,14 @@ reopen_rw (int fd, const char *path, const char *what)
   return 0;
 }
 
-static int
-make_writable_locked (struct q2_image *img)
+int
+q2_switch_to_rw (struct q2_image *img)
 {
-  const struct q2_header *h = &img->hdr;
   uint64_t i;
   int r;
 
   if (!img->readonly)
     return 0;
-  if (h->crypt_method && img->crypto == NULL)
-    return q2_err (EPERM, "%s: the image is encrypted and was opened "
-                   "without its password", img->path);
-  if (h->incompatible_features & QCOW2_INCOMPAT_CORRUPT)
-    return q2_err (EROFS, "%s: the image is marked corrupt (incompatible "
-                   "bit 1); it can only be served read-only until it is "
-                   "repaired (qemu-img check -r all)", img->path);
   if (img->locking)
     q2_unlock_image (img->fd);
   if ((r = reopen_rw (img->fd, img->path, "image")) < 0)
@@ -501,6 +498,7 @@ make_writable_locked (struct q2_image *img)
   if (img->data_fd != img->fd &&
       (r = reopen_rw (img->data_fd, img->data_path, "external data file")) < 0)
     return r;
+  img->reftable_used = 0;
   for (i = 0; i < img->reftable_entries; i++)
     if (img->reftable[i])
       img->reftable_used = i + 1;
@@ -509,6 +507,26 @@ make_writable_locked (struct q2_image *img)
   q2_cache_set_writeback (img->l2_cache, q2_l2_writeback, img);
   q2_cache_set_writeback (img->rb_cache, q2_rb_writeback, img);
   img->readonly = false;
+  return 0;
+}
+
+static int
+make_writable_locked (struct q2_image *img)
+{
+  const struct q2_header *h = &img->hdr;
+  int r;
+
+  if (!img->readonly)
+    return 0;
+  if (h->crypt_method && img->crypto == NULL)
+    return q2_err (EPERM, "%s: the image is encrypted and was opened "
+                   "without its password", img->path);
+  if (h->incompatible_features & QCOW2_INCOMPAT_CORRUPT)
+    return q2_err (EROFS, "%s: the image is marked corrupt (incompatible "
+                   "bit 1); it can only be served read-only until it is "
+                   "repaired (qemu-img check -r all)", img->path);
+  if ((r = q2_switch_to_rw (img)) < 0)
+    return r;
   /* Refcounts of a dirty image may be stale: rebuild them from the
    * L1/L2 walk before anything trusts them, as QEMU does. */
   if (h->incompatible_features & QCOW2_INCOMPAT_DIRTY) {

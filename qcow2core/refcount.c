@@ -233,6 +233,44 @@ q2_write_reftable (struct q2_image *img, const uint64_t *table,
   return r;
 }
 
+int
+q2_install_reftable (struct q2_image *img, uint64_t *table, uint64_t entries,
+                     uint64_t start, uint64_t table_clusters,
+                     const uint8_t *blocks, uint64_t nb_blocks)
+{
+  uint64_t cs = img->cluster_size, rt;
+  uint8_t hdr[12];
+  int r;
+
+  /* Blocks and table reach the disk before the header points there. */
+  if (nb_blocks &&
+      (r = q2_io_pwrite (img->fd, blocks, nb_blocks * cs,
+                         (start + table_clusters) * cs,
+                         "new refcount blocks")) < 0)
+    return r;
+  if ((r = q2_cache_flush (img->rb_cache)) < 0 ||
+      (r = q2_write_reftable (img, table, entries, start * cs)) < 0 ||
+      (r = q2_sync (img)) < 0)
+    return r;
+  q2_put_be64 (hdr, start * cs);
+  q2_put_be32 (hdr + 8, table_clusters);
+  if ((r = q2_write_header_field (img, 48, hdr, 12)) < 0)
+    return r;
+
+  free (img->reftable);
+  img->reftable = table;
+  img->reftable_entries = entries;
+  img->reftable_dirty = false;
+  img->reftable_used = 0;
+  for (rt = 0; rt < entries; rt++)
+    if (table[rt])
+      img->reftable_used = rt + 1;
+  img->hdr.refcount_table_offset = start * cs;
+  img->hdr.refcount_table_clusters = table_clusters;
+  img->meta_stale = true;
+  return 0;
+}
+
 /* Moves the refcount table to a bigger area at the end of the file.
  * The new table and the refcount blocks that describe it are written
  * and synced before the header points at them, and the old table is
@@ -246,7 +284,7 @@ grow_reftable (struct q2_image *img, uint64_t need_rt)
   uint64_t old_off = img->hdr.refcount_table_offset;
   uint64_t old_clusters = img->hdr.refcount_table_clusters;
   uint64_t *table = NULL;
-  uint8_t *blocks = NULL, hdr[12];
+  uint8_t *blocks = NULL;
   int r;
 
   if ((r = q2_flush_refcounts (img)) < 0)
@@ -298,32 +336,10 @@ grow_reftable (struct q2_image *img, uint64_t need_rt)
                           c & ((1ULL << pbl) - 1), 1);
     }
   }
-  if (k && (r = q2_io_pwrite (img->fd, blocks, k * cs,
-                              (start + table_clusters) * cs,
-                              "new refcount blocks")) < 0)
+  if ((r = q2_install_reftable (img, table, entries, start, table_clusters,
+                                blocks, k)) < 0)
     goto out;
-  if ((r = q2_cache_flush (img->rb_cache)) < 0)
-    goto out;
-  if ((r = q2_write_reftable (img, table, entries, start * cs)) < 0)
-    goto out;
-  if ((r = q2_sync (img)) < 0)
-    goto out;
-  q2_put_be64 (hdr, start * cs);
-  q2_put_be32 (hdr + 8, table_clusters);
-  if ((r = q2_write_header_field (img, 48, hdr, 12)) < 0)
-    goto out;
-
-  free (img->reftable);
-  img->reftable = table;
-  img->meta_stale = true;
   table = NULL;
-  img->reftable_entries = entries;
-  img->reftable_dirty = false;
-  for (rt = 0; rt < entries; rt++)
-    if (img->reftable[rt])
-      img->reftable_used = rt + 1;
-  img->hdr.refcount_table_offset = start * cs;
-  img->hdr.refcount_table_clusters = table_clusters;
   if (end * cs > img->file_size)
     img->file_size = end * cs;
   r = q2_free_later (img, old_off, old_clusters * cs);

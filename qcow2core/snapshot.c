@@ -629,6 +629,11 @@ apply_locked (struct q2_image *img, const char *name_or_id)
   return r;
 }
 
+/* Sharing or unsharing a tree changes refcounts and COPIED flags in
+ * different clusters, and no order of those writes is consistent at
+ * every step.  So the image is marked dirty for the duration (v3): a
+ * crash leaves it dirty, and the next read-write open (ours or QEMU's)
+ * rebuilds refcounts and COPIED flags from the tables. */
 static int
 locked (struct q2_image *img, int (*fn) (struct q2_image *, const char *),
         const char *arg)
@@ -636,7 +641,18 @@ locked (struct q2_image *img, int (*fn) (struct q2_image *, const char *),
   int r;
 
   pthread_rwlock_wrlock (&img->io_lock);
-  r = fn (img, arg);
+  r = q2_prepare_write (img);
+  if (r == 0)
+    r = q2_flush_locked (img);
+  if (r == 0)
+    r = q2_set_dirty (img, true);
+  if (r == 0) {
+    r = fn (img, arg);
+    if (r == 0)
+      r = q2_set_dirty (img, false);
+    else
+      img->corrupt = true;      /* reopen to repair; the image is dirty */
+  }
   pthread_rwlock_unlock (&img->io_lock);
   return r;
 }

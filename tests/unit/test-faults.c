@@ -1,0 +1,606 @@
+/* Crash safety under injected I/O errors.
+ *
+ * For each image kind (made with qemu-img and qemu-io), a deterministic
+ * workload of writes, zeroes, trims and flushes runs through the public
+ * API.  An unarmed run counts the file writes W and syncs S it does.
+ * Then for every N in 1..W (and every sync in 1..S) the workload runs
+ * again on a fresh copy of the image with the N-th write (sync) failing
+ * with EIO (q2_fault_arm).  At the first failing call the "machine
+ * crashes": the image is freed without flushing (q2_free_layer), and
+ *   - qemu-img check must exit 0 (clean) or 3 (leaked clusters only);
+ *   - every byte must read back (through a fresh read-only q2_open) as
+ *     the last successful flush promised, or as a value some write,
+ *     zero or trim after that flush (the failing one included) put
+ *     there.  A successful FUA write is promised by itself.
+ *
+ * A failing case is reported with its N and what check said, and the
+ * first broken image of each kind is kept for reproduction (the path is
+ * printed).  Without qemu-img the test is skipped.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "unit.h"
+
+#define MAX_OPS 48
+#define MAX_FAILS_SHOWN 3
+
+/* Snapshot create (and, on the image that has one, delete) is part of
+ * the workload unless Q2_FAULTS_SNAPSHOTS=0.  A crash in the middle of
+ * one leaves the image dirty (v3), and the next read-write open repairs
+ * it before anything else, as QEMU's does: the check below does that
+ * open first.  Q2_FAULTS_VERBOSE=1 reports every failing N, not the
+ * first few. */
+static bool with_snapshots, verbose;
+
+static char tmpdir[256];
+static char keepdir[256];
+
+enum op_kind { OP_WRITE, OP_WRITE_FUA, OP_ZERO, OP_ZERO_TRIM, OP_ZERO_FAST,
+               OP_TRIM, OP_FLUSH, OP_SNAP_CREATE, OP_SNAP_DELETE };
+
+static const char *const op_names[] = {
+  "write", "write+fua", "zero", "zero+may_trim", "zero+fast", "trim", "flush",
+  "snapshot create", "snapshot delete"
+};
+
+struct op {
+  enum op_kind kind;
+  uint64_t offset, len;
+  uint32_t seed;                /* data pattern of writes */
+};
+
+struct kind {
+  const char *name;
+  const char *create_opts;
+  uint64_t size;
+  const char *setup;            /* qemu-io -c commands, or NULL */
+  const char *snapshot;         /* qemu-img snapshot -c NAME, or NULL */
+  uint32_t align;               /* workload alignment unit */
+  int nr_ops;                   /* at most MAX_OPS */
+  uint32_t max_len;             /* of one op */
+  bool snapshots_ok;            /* refcounts can reach 2; v3 */
+};
+
+static const struct kind kinds[] = {
+  { "v3-64k", "cluster_size=64k", 4u << 20,
+    "-c 'write -P 0x5a 0 1M' -c 'write -c -P 0x33 2M 128k' "
+    "-c 'write -z 3M 64k'", NULL, 512, 48, 96u << 10, true },
+  /* v2 has no dirty bit to cover a snapshot operation: between the
+   * refcount and the COPIED updates a crash leaves flags that qemu-img
+   * check reports (as with QEMU itself), so no snapshots here. */
+  { "v2-64k", "compat=0.10,cluster_size=64k", 4u << 20,
+    "-c 'write -P 0x5a 0 1M' -c 'write -c -P 0x33 2M 64k'", NULL, 512,
+    48, 96u << 10, false },
+  { "v3-512", "cluster_size=512", 1u << 20,
+    "-c 'write -P 0x5a 0 256k' -c 'write -c -P 0x33 512k 4k'", NULL, 512,
+    24, 4u << 10, true },
+  { "extl2-64k", "cluster_size=64k,extended_l2=on", 4u << 20,
+    "-c 'write -P 0x5a 0 512k' -c 'write -P 0x44 1M 6k' "
+    "-c 'write -z 1040k 4k'", NULL, 512, 40, 96u << 10, true },
+  { "snapshot-64k", "cluster_size=64k", 4u << 20,
+    "-c 'write -P 0x5a 0 1M' -c 'write -P 0x66 2M 256k'", "snap1", 512,
+    40, 96u << 10, true },
+  { "rc1-4k", "cluster_size=4k,refcount_bits=1", 2u << 20,
+    "-c 'write -P 0x5a 0 256k'", NULL, 512, 24, 16u << 10, false },
+};
+
+/* ---- helpers ---- */
+
+static int
+run_cmd (const char *cmd)
+{
+  int st = system (cmd);
+
+  if (st == -1 || !WIFEXITED (st))
+    return -1;
+  return WEXITSTATUS (st);
+}
+
+static uint32_t
+rnd (uint64_t *s)
+{
+  *s ^= *s << 13;
+  *s ^= *s >> 7;
+  *s ^= *s << 17;
+  return *s >> 32;
+}
+
+static uint8_t
+pattern (uint32_t seed, uint64_t pos)
+{
+  uint32_t x = seed * 2654435761u ^ (uint32_t) pos * 40503u;
+
+  return (uint8_t) ((x >> 15) ^ (pos >> 9) ^ seed);
+}
+
+/* The value op puts at byte pos (which it covers). */
+static uint8_t
+op_value (const struct op *op, uint64_t pos)
+{
+  return op->kind == OP_WRITE || op->kind == OP_WRITE_FUA ?
+    pattern (op->seed, pos) : 0;
+}
+
+static int
+copy_file (const char *from, const char *to)
+{
+  char buf[65536];
+  int in = open (from, O_RDONLY), out;
+  ssize_t n;
+
+  if (in == -1)
+    return -1;
+  out = open (to, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (out == -1) {
+    close (in);
+    return -1;
+  }
+  while ((n = read (in, buf, sizeof buf)) > 0)
+    if (write (out, buf, n) != n) {
+      n = -1;
+      break;
+    }
+  close (in);
+  close (out);
+  return n == 0 ? 0 : -1;
+}
+
+/* A deterministic workload: mostly writes, some zeroes and trims, a
+ * flush every few ops and at the end. */
+static void
+make_workload (const struct kind *k, uint64_t seed, struct op *ops, int *n)
+{
+  uint64_t s = seed * 0x9e3779b97f4a7c15ULL + 1;
+  int i = 0, since_flush = 0;
+
+  while (i < k->nr_ops - 1) {
+    struct op *op = &ops[i];
+    uint32_t r = rnd (&s) % 100;
+    uint64_t unit = k->align;
+
+    /* Halfway, an internal snapshot is taken; later the image's own
+     * snapshot (if any) is deleted.  Neither changes the guest view. */
+    if (with_snapshots && k->snapshots_ok &&
+        (i == k->nr_ops / 2 || (i == k->nr_ops * 3 / 4 && k->snapshot))) {
+      op->kind = i == k->nr_ops / 2 ? OP_SNAP_CREATE : OP_SNAP_DELETE;
+      op->offset = op->len = 0;
+      i++;
+      continue;
+    }
+    if (since_flush >= 4 + (int) (rnd (&s) % 6)) {
+      op->kind = OP_FLUSH;
+      op->offset = op->len = 0;
+      since_flush = 0;
+      i++;
+      continue;
+    }
+    op->kind = r < 55 ? OP_WRITE : r < 62 ? OP_WRITE_FUA :
+      r < 72 ? OP_ZERO : r < 80 ? OP_ZERO_TRIM : r < 86 ? OP_ZERO_FAST :
+      OP_TRIM;
+    op->seed = rnd (&s);
+    /* One op in four is unaligned. */
+    if (rnd (&s) % 4 == 0)
+      unit = 1;
+    op->len = Q2_ROUND_UP (1 + rnd (&s) % k->max_len, unit);
+    /* Favour the first MiB, where the initial data is. */
+    if (rnd (&s) % 2)
+      op->offset = rnd (&s) % (1u << 20);
+    else
+      op->offset = rnd (&s) % k->size;
+    op->offset = Q2_ROUND_DOWN (op->offset, unit);
+    if (op->len > k->size - op->offset)
+      op->len = k->size - op->offset;
+    since_flush++;
+    i++;
+  }
+  ops[i].kind = OP_FLUSH;
+  ops[i].offset = ops[i].len = 0;
+  *n = i + 1;
+}
+
+/* ---- one run of the workload ---- */
+
+struct run {
+  /* Set up by the caller. */
+  const struct kind *k;
+  const struct op *ops;
+  int nr_ops;
+  const char *path;
+  uint8_t *initial;             /* guest content before the workload */
+  /* Results. */
+  bool opened;
+  int failed_op;                /* index of the failing call, or -1 */
+  int failed_err;
+  char failed_msg[256];
+  uint8_t *promised;            /* at the last successful flush */
+  int flushed_upto;             /* ops [flushed_upto, ...] are unflushed */
+  uint64_t writes, syncs;
+};
+
+/* Runs the workload with faults armed at (write_n, sync_n); on the first
+ * failure frees the image without flushing.  With check_live (the
+ * unarmed run), compares the live image with the model at each flush. */
+static void
+run_workload (struct run *rn, uint64_t write_n, uint64_t sync_n,
+              bool check_live)
+{
+  struct q2_open_opts opts = { .readonly = true, .locking = false,
+                               .no_backing = true };
+  const struct kind *k = rn->k;
+  struct q2_image *img;
+  uint8_t *current = malloc (k->size), *buf = malloc (k->size);
+  int i, r = 0;
+
+  rn->opened = false;
+  rn->failed_op = -1;
+  rn->flushed_upto = 0;
+  memcpy (rn->promised, rn->initial, k->size);
+  memcpy (current, rn->initial, k->size);
+
+  if (q2_open (rn->path, &opts, &img) < 0 || q2_make_writable (img) < 0) {
+    fprintf (stderr, "%s: cannot open: %s\n", k->name, q2_last_error ());
+    free (current);
+    free (buf);
+    return;
+  }
+  rn->opened = true;
+  q2_fault_arm (write_n, sync_n);
+
+  for (i = 0; i < rn->nr_ops; i++) {
+    const struct op *op = &rn->ops[i];
+    uint64_t j;
+
+    switch (op->kind) {
+    case OP_WRITE:
+    case OP_WRITE_FUA:
+      for (j = 0; j < op->len; j++)
+        buf[j] = pattern (op->seed, op->offset + j);
+      r = q2_pwrite (img, buf, op->len, op->offset, op->kind == OP_WRITE_FUA);
+      if (r == 0) {
+        memcpy (current + op->offset, buf, op->len);
+        if (op->kind == OP_WRITE_FUA)
+          memcpy (rn->promised + op->offset, buf, op->len);
+      }
+      break;
+    case OP_ZERO:
+    case OP_ZERO_TRIM:
+    case OP_ZERO_FAST:
+      r = q2_zero (img, op->len, op->offset, op->kind != OP_ZERO,
+                   op->kind == OP_ZERO_FAST, false);
+      if (r == -ENOTSUP && op->kind == OP_ZERO_FAST)
+        r = 0;                  /* refused before changing anything */
+      else if (r == 0)
+        memset (current + op->offset, 0, op->len);
+      break;
+    case OP_TRIM:
+      r = q2_trim (img, op->len, op->offset, false);
+      /* Advisory: learn what the range reads as now. */
+      if (r == 0)
+        r = q2_pread (img, current + op->offset, op->len, op->offset);
+      break;
+    case OP_SNAP_CREATE:
+      r = q2_snapshot_create (img, "faults");
+      break;
+    case OP_SNAP_DELETE:
+      r = q2_snapshot_delete (img, k->snapshot);
+      break;
+    case OP_FLUSH:
+      r = q2_flush (img);
+      if (r == 0) {
+        memcpy (rn->promised, current, k->size);
+        rn->flushed_upto = i + 1;
+        if (check_live) {
+          CHECK_EQ_INT (q2_pread (img, buf, k->size, 0), 0);
+          CHECK (memcmp (buf, current, k->size) == 0);
+        }
+      }
+      break;
+    }
+    if (r < 0) {
+      rn->failed_op = i;
+      rn->failed_err = r;
+      snprintf (rn->failed_msg, sizeof rn->failed_msg, "%s",
+                q2_last_error ());
+      break;
+    }
+  }
+
+  q2_fault_counts (&rn->writes, &rn->syncs);
+  q2_fault_arm (0, 0);
+  if (rn->failed_op >= 0)
+    q2_free_layer (img);        /* the crash: nothing more is written */
+  else
+    CHECK_EQ_INT (q2_close (img), 0);
+  free (current);
+  free (buf);
+}
+
+/* ---- checking the image after the crash ---- */
+
+static int fails_shown;
+
+/* Copies the broken image to keepdir once per kind, and returns the
+ * name for the report. */
+static void
+keep_image (const struct run *rn, const char *what, uint64_t n,
+            bool *kept)
+{
+  char dst[512];
+
+  if (*kept)
+    return;
+  snprintf (dst, sizeof dst, "%s/faults-%s-%s%llu.qcow2", keepdir,
+            rn->k->name, what, (unsigned long long) n);
+  if (copy_file (rn->path, dst) == 0) {
+    fprintf (stderr, "  kept the image as %s\n", dst);
+    *kept = true;
+  }
+}
+
+/* Returns true if the image after the crash is acceptable. */
+static bool
+check_after_crash (struct run *rn, const char *what, uint64_t n, bool *kept)
+{
+  struct q2_open_opts opts = { .readonly = true, .locking = false,
+                               .no_backing = true };
+  const struct kind *k = rn->k;
+  char cmd[1024];
+  struct q2_image *img;
+  uint8_t *got;
+  uint64_t i, bad = 0, first_bad = 0;
+  int rc, j;
+  bool ok = true, show = verbose || fails_shown < MAX_FAILS_SHOWN;
+  char failing[160] = "none (the workload completed)";
+
+  if (rn->failed_op >= 0) {
+    const struct op *op = &rn->ops[rn->failed_op];
+    snprintf (failing, sizeof failing, "op %d %s offset %llu len %llu",
+              rn->failed_op, op_names[op->kind],
+              (unsigned long long) op->offset, (unsigned long long) op->len);
+  }
+
+  /* A dirty image is repaired by the next read-write open. */
+  if (q2_open (rn->path, &opts, &img) == 0) {
+    if (img->hdr.incompatible_features & QCOW2_INCOMPAT_DIRTY) {
+      if (q2_make_writable (img) < 0 && show)
+        fprintf (stderr, "%s: %s %llu: repairing the dirty image: %s\n",
+                 k->name, what, (unsigned long long) n, q2_last_error ());
+    }
+    q2_close (img);
+  }
+
+  snprintf (cmd, sizeof cmd, "qemu-img check -q '%s' >/dev/null 2>&1",
+            rn->path);
+  rc = run_cmd (cmd);
+  if (rc != 0 && rc != 3) {
+    ok = false;
+    if (show) {
+      fprintf (stderr, "%s: %s %llu: qemu-img check exit %d after failing "
+               "%s (%s):\n", k->name, what, (unsigned long long) n, rc,
+               failing, rn->failed_msg);
+      snprintf (cmd, sizeof cmd, "qemu-img check '%s' 2>&1 | "
+                "grep -v '^Leaked cluster' | head -n 12 >&2", rn->path);
+      run_cmd (cmd);
+    }
+  }
+
+  got = malloc (k->size);
+  if (q2_open (rn->path, &opts, &img) < 0) {
+    ok = false;
+    if (show)
+      fprintf (stderr, "%s: %s %llu: cannot reopen after failing %s: %s\n",
+               k->name, what, (unsigned long long) n, failing,
+               q2_last_error ());
+  }
+  else {
+    if (q2_pread (img, got, k->size, 0) < 0) {
+      ok = false;
+      if (show)
+        fprintf (stderr, "%s: %s %llu: read after failing %s: %s\n",
+                 k->name, what, (unsigned long long) n, failing,
+                 q2_last_error ());
+    }
+    else
+      for (i = 0; i < k->size; i++) {
+        bool fine = got[i] == rn->promised[i];
+        int upto = rn->failed_op >= 0 ? rn->failed_op : rn->nr_ops - 1;
+        for (j = rn->flushed_upto; !fine && j <= upto; j++) {
+          const struct op *op = &rn->ops[j];
+          if (op->len > 0 && i >= op->offset &&
+              i < op->offset + op->len && op_value (op, i) == got[i])
+            fine = true;
+        }
+        if (!fine && bad++ == 0)
+          first_bad = i;
+      }
+    q2_close (img);
+    if (bad) {
+      ok = false;
+      if (show)
+        fprintf (stderr, "%s: %s %llu: %llu bytes lost the flushed data "
+                 "after failing %s (%s); the first at offset %llu reads "
+                 "%#x, the flush promised %#x\n", k->name, what,
+                 (unsigned long long) n, (unsigned long long) bad, failing,
+                 rn->failed_msg, (unsigned long long) first_bad,
+                 got[first_bad], rn->promised[first_bad]);
+    }
+  }
+  free (got);
+  if (!ok) {
+    if (show) {
+      keep_image (rn, what, n, kept);
+      fails_shown++;
+    }
+  }
+  return ok;
+}
+
+/* ---- the test for one kind of image ---- */
+
+static bool
+make_image (const struct kind *k, const char *path)
+{
+  char cmd[1024];
+
+  snprintf (cmd, sizeof cmd, "qemu-img create -q -f qcow2 -o %s '%s' %llu",
+            k->create_opts, path, (unsigned long long) k->size);
+  if (run_cmd (cmd) != 0)
+    return false;
+  if (k->setup) {
+    snprintf (cmd, sizeof cmd, "qemu-io -f qcow2 %s '%s' >/dev/null",
+              k->setup, path);
+    if (run_cmd (cmd) != 0)
+      return false;
+  }
+  if (k->snapshot) {
+    snprintf (cmd, sizeof cmd, "qemu-img snapshot -c %s '%s'", k->snapshot,
+              path);
+    if (run_cmd (cmd) != 0)
+      return false;
+  }
+  return true;
+}
+
+static void
+test_kind (const struct kind *k, uint64_t seed)
+{
+  struct q2_open_opts opts = { .readonly = true, .no_backing = true };
+  struct op ops[MAX_OPS];
+  char base[300], work[300];
+  struct q2_image *img;
+  struct run rn;
+  uint64_t writes, syncs, n;
+  unsigned long write_fails = 0, sync_fails = 0;
+  bool kept = false;
+  time_t t0 = time (NULL);
+
+  fails_shown = 0;
+
+  unit_context ("%s", k->name);
+  snprintf (base, sizeof base, "%s/%s.qcow2", tmpdir, k->name);
+  snprintf (work, sizeof work, "%s/%s-work.qcow2", tmpdir, k->name);
+  if (!make_image (k, base)) {
+    CHECK (!"qemu-img could not create the image");
+    return;
+  }
+
+  memset (&rn, 0, sizeof rn);
+  rn.k = k;
+  rn.path = work;
+  rn.initial = malloc (k->size);
+  rn.promised = malloc (k->size);
+  make_workload (k, seed, ops, &rn.nr_ops);
+  rn.ops = ops;
+
+  /* The content before the workload, as the core reads it. */
+  if (q2_open (base, &opts, &img) < 0) {
+    fprintf (stderr, "%s: %s\n", k->name, q2_last_error ());
+    CHECK (!"cannot open the new image");
+    goto out;
+  }
+  CHECK_EQ_INT (q2_pread (img, rn.initial, k->size, 0), 0);
+  q2_close (img);
+
+  /* Unarmed: everything succeeds, and it counts the writes and syncs. */
+  CHECK_EQ_INT (copy_file (base, work), 0);
+  run_workload (&rn, 0, 0, true);
+  CHECK (rn.opened);
+  CHECK_EQ_INT (rn.failed_op, -1);
+  CHECK (check_after_crash (&rn, "unarmed", 0, &kept));
+  writes = rn.writes;
+  syncs = rn.syncs;
+  CHECK (writes > 0);
+  CHECK (syncs > 0);
+
+  for (n = 1; n <= writes; n++) {
+    unit_context ("%s: write %llu of %llu", k->name, (unsigned long long) n,
+                  (unsigned long long) writes);
+    CHECK_EQ_INT (copy_file (base, work), 0);
+    run_workload (&rn, n, 0, false);
+    CHECK (rn.failed_op >= 0);
+    if (!check_after_crash (&rn, "write", n, &kept))
+      write_fails++;
+  }
+  for (n = 1; n <= syncs; n++) {
+    unit_context ("%s: sync %llu of %llu", k->name, (unsigned long long) n,
+                  (unsigned long long) syncs);
+    CHECK_EQ_INT (copy_file (base, work), 0);
+    run_workload (&rn, 0, n, false);
+    CHECK (rn.failed_op >= 0);
+    if (!check_after_crash (&rn, "sync", n, &kept))
+      sync_fails++;
+  }
+  unit_context ("%s", k->name);
+  printf ("     %s: %llu writes, %llu syncs, %d ops: %lu write faults and "
+          "%lu sync faults left a bad image (%ld s)\n", k->name,
+          (unsigned long long) writes, (unsigned long long) syncs,
+          rn.nr_ops, write_fails, sync_fails, (long) (time (NULL) - t0));
+  fflush (stdout);
+  CHECK_EQ_U64 (write_fails, 0);
+  CHECK_EQ_U64 (sync_fails, 0);
+ out:
+  unlink (work);
+  unlink (base);
+  free (rn.initial);
+  free (rn.promised);
+}
+
+#define KIND_TEST(fn, i)                              \
+  static void fn (void) { test_kind (&kinds[i], i + 1); }
+KIND_TEST (test_faults_v3_64k, 0)
+KIND_TEST (test_faults_v2_64k, 1)
+KIND_TEST (test_faults_v3_512, 2)
+KIND_TEST (test_faults_extl2_64k, 3)
+KIND_TEST (test_faults_snapshot_64k, 4)
+KIND_TEST (test_faults_rc1_4k, 5)
+
+int
+main (void)
+{
+  const char *dir = "/dev/shm";
+  struct stat st;
+
+  if (run_cmd ("qemu-img --version >/dev/null 2>&1 && "
+               "qemu-io --version >/dev/null 2>&1") != 0) {
+    printf ("SKIP: qemu-img or qemu-io is missing\n");
+    return unit_done ();
+  }
+  /* tmpfs: the workload syncs often. */
+  if (stat (dir, &st) == -1 || !S_ISDIR (st.st_mode) ||
+      access (dir, W_OK) == -1)
+    dir = getenv ("TMPDIR") ? getenv ("TMPDIR") : "/tmp";
+  snprintf (tmpdir, sizeof tmpdir, "%s/q2faults.XXXXXX", dir);
+  if (mkdtemp (tmpdir) == NULL) {
+    perror ("mkdtemp");
+    return 1;
+  }
+  /* Broken images are kept where they survive the test. */
+  snprintf (keepdir, sizeof keepdir, "%s",
+            getenv ("TMPDIR") ? getenv ("TMPDIR") : "/tmp");
+
+  with_snapshots = !getenv ("Q2_FAULTS_SNAPSHOTS") ||
+    strcmp (getenv ("Q2_FAULTS_SNAPSHOTS"), "0") != 0;
+  verbose = getenv ("Q2_FAULTS_VERBOSE") &&
+    strcmp (getenv ("Q2_FAULTS_VERBOSE"), "1") == 0;
+
+  RUN (test_faults_v3_64k);
+  RUN (test_faults_v2_64k);
+  RUN (test_faults_v3_512);
+  RUN (test_faults_extl2_64k);
+  RUN (test_faults_snapshot_64k);
+  RUN (test_faults_rc1_4k);
+
+  rmdir (tmpdir);
+  return unit_done ();
+}
