@@ -18,26 +18,23 @@ q2_have_zstd (void)
 static int
 inflate_raw (const uint8_t *src, size_t src_len, uint8_t *out, size_t out_len)
 {
-  z_stream s;
+  z_stream *s = q2_scratch_inflate ();
   int r;
 
-  memset (&s, 0, sizeof s);
-  /* -15: raw deflate with the largest window, a superset of QEMU's -12. */
-  if (inflateInit2 (&s, -15) != Z_OK)
+  if (s == NULL)
     return q2_err (ENOMEM, "zlib: cannot initialise the decompressor");
-  s.next_in = (Bytef *) src;
-  s.avail_in = src_len;
-  s.next_out = out;
-  s.avail_out = out_len;
-  r = inflate (&s, Z_FINISH);
-  inflateEnd (&s);
+  s->next_in = (Bytef *) src;
+  s->avail_in = src_len;
+  s->next_out = out;
+  s->avail_out = out_len;
+  r = inflate (s, Z_FINISH);
   /* A full output buffer is success even if the stream did not end,
    * because the input may be cut at a sector boundary. */
   if ((r == Z_STREAM_END || r == Z_BUF_ERROR || r == Z_OK) &&
-      s.avail_out == 0)
+      s->avail_out == 0)
     return 0;
   return q2_err (EIO, "zlib: corrupt compressed cluster (inflate returned "
-                 "%d with %u of %zu bytes missing)", r, s.avail_out, out_len);
+                 "%d with %u of %zu bytes missing)", r, s->avail_out, out_len);
 }
 
 static int

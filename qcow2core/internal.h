@@ -393,6 +393,8 @@ enum {
  * Each slot is independent and valid until the next call for it. */
 uint8_t *q2_scratch (unsigned slot, size_t len);
 void *q2_scratch_zstd_dctx (void);
+/* This thread's raw-deflate z_stream, reset; NULL if out of memory. */
+void *q2_scratch_inflate (void);
 
 /* ---- read.c ---- */
 int q2_layer_pread (struct q2_image *img, uint8_t *buf, uint64_t count,

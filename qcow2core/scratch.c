@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <zlib.h>
 #include <zstd.h>
 
 #include "internal.h"
@@ -12,6 +13,7 @@ struct scratch {
   uint8_t *buf[Q2_SCRATCH_SLOTS];
   size_t len[Q2_SCRATCH_SLOTS];
   ZSTD_DCtx *zstd;
+  z_stream *zlib;               /* raw inflate, reset for each cluster */
 };
 
 static pthread_key_t key;
@@ -26,6 +28,10 @@ destroy (void *p)
   for (i = 0; i < Q2_SCRATCH_SLOTS; i++)
     free (s->buf[i]);
   ZSTD_freeDCtx (s->zstd);
+  if (s->zlib) {
+    inflateEnd (s->zlib);
+    free (s->zlib);
+  }
   free (s);
 }
 
@@ -79,4 +85,25 @@ q2_scratch_zstd_dctx (void)
   if (s->zstd == NULL)
     s->zstd = ZSTD_createDCtx ();
   return s->zstd;
+}
+
+void *
+q2_scratch_inflate (void)
+{
+  struct scratch *s = get ();
+
+  if (s == NULL)
+    return NULL;
+  if (s->zlib == NULL) {
+    z_stream *z = calloc (1, sizeof *z);
+    /* -15: raw deflate with the largest window, a superset of QEMU's -12. */
+    if (z == NULL || inflateInit2 (z, -15) != Z_OK) {
+      free (z);
+      return NULL;
+    }
+    s->zlib = z;
+  }
+  else if (inflateReset (s->zlib) != Z_OK)
+    return NULL;
+  return s->zlib;
 }

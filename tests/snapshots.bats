@@ -1,0 +1,90 @@
+#!/usr/bin/env bats
+# Internal snapshots served as read-only exports.
+
+bats_require_minimum_version 1.5.0
+load helpers
+
+setup ()
+{
+    img="$BATS_TEST_TMPDIR/s.qcow2"
+    qemu-img create -q -f qcow2 "$img" 64M
+    qemu-io -f qcow2 -c 'write -P 1 0 4M' -c 'write -c -P 7 8M 64k' \
+        "$img" >/dev/null
+    qemu-img snapshot -c first "$img"
+    qemu-io -f qcow2 -c 'write -P 2 1M 2M' -c 'write -z 8M 64k' "$img" >/dev/null
+    qemu-img snapshot -c second "$img"
+    qemu-io -f qcow2 -c 'write -P 3 0 512k' "$img" >/dev/null
+    for s in first second; do
+        qemu-img convert -U -O raw -l "snapshot.name=$s" "$img" \
+            "$BATS_TEST_TMPDIR/$s.raw"
+    done
+    qemu-img convert -U -O raw "$img" "$BATS_TEST_TMPDIR/active.raw"
+}
+
+teardown () { stop_nbdkit; }
+
+sock_uri () { echo "nbd+unix:///$1?socket=$sock"; }
+
+@test "snapshots: nbdinfo --list shows the active image and every snapshot" {
+    start_nbdkit "$PLUGIN" "$img"
+    run -0 nbdinfo --list "$uri"
+    [[ "$output" =~ 'export="first"' ]]
+    [[ "$output" =~ 'export="second"' ]]
+    [[ "$output" =~ 'snapshot ID 1' ]]
+    [[ "$output" =~ 'snapshot ID 2' ]]
+}
+
+@test "snapshots: exports by name and by ID read as QEMU reads the snapshot" {
+    start_nbdkit "$PLUGIN" "$img"
+    for e in first:first 1:first second:second 2:second; do
+        name="${e%%:*}" snap="${e##*:}"
+        rm -f "$BATS_TEST_TMPDIR/out.raw"
+        nbdcopy "$(sock_uri "$name")" "$BATS_TEST_TMPDIR/out.raw"
+        cmp "$BATS_TEST_TMPDIR/out.raw" "$BATS_TEST_TMPDIR/$snap.raw"
+        run -2 nbdinfo --can write "$(sock_uri "$name")"
+    done
+    nbdcopy "$uri" "$BATS_TEST_TMPDIR/act.raw"
+    cmp "$BATS_TEST_TMPDIR/act.raw" "$BATS_TEST_TMPDIR/active.raw"
+}
+
+@test "snapshots: snapshot=NAME and snapshot=ID serve it as the default export" {
+    for s in first 2; do
+        snap=first; [ "$s" = 2 ] && snap=second
+        nbdkit -U - "$PLUGIN" "$img" snapshot="$s" \
+            --run 'nbdcopy "$uri" '"$BATS_TEST_TMPDIR/o-$s.raw"
+        cmp "$BATS_TEST_TMPDIR/o-$s.raw" "$BATS_TEST_TMPDIR/$snap.raw"
+    done
+    run ! nbdkit -U - "$PLUGIN" "$img" snapshot=nosuch --run true
+    [[ "$output" =~ "nosuch" ]]
+}
+
+@test "snapshots: an unknown export name is refused" {
+    start_nbdkit "$PLUGIN" "$img"
+    run ! nbdinfo "$(sock_uri nosuch)"
+    run ! nbdinfo "$(sock_uri '../first')"
+    grep -q "is neither the active image" "$nbdkit_log"
+}
+
+@test "snapshots: writes to the active export never change a served snapshot" {
+    start_nbdkit "$PLUGIN" "$img"
+    # Keep a snapshot connection open while the active image is rewritten.
+    run -0 nbdsh -c "
+import nbd
+a = nbd.NBD(); a.connect_uri('$uri')
+s = nbd.NBD(); s.connect_uri('$(sock_uri first)')
+before = s.pread(1 << 20, 0)
+a.pwrite(b'\x55' * (4 << 20), 0)
+a.zero(4 << 20, 8 << 20)
+a.trim(1 << 20, 2 << 20)
+a.flush()
+assert s.pread(1 << 20, 0) == before
+assert a.pread(4, 0) == b'\x55' * 4
+"
+    stop_nbdkit
+    nbdkit -U - "$PLUGIN" "$img" snapshot=first -r \
+        --run 'nbdcopy "$uri" '"$BATS_TEST_TMPDIR/after.raw"
+    cmp "$BATS_TEST_TMPDIR/after.raw" "$BATS_TEST_TMPDIR/first.raw"
+    run -0 qemu-img check "$img"
+    qemu-img convert -O raw -l snapshot.name=second "$img" "$BATS_TEST_TMPDIR/s2.raw"
+    cmp "$BATS_TEST_TMPDIR/s2.raw" "$BATS_TEST_TMPDIR/second.raw"
+}
