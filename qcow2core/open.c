@@ -344,7 +344,16 @@ q2_open_layer (const char *path, const char *format,
   img->depth = depth;
   img->locking = opts->locking;
   pthread_mutex_init (&img->lock, NULL);
-  pthread_rwlock_init (&img->io_lock, NULL);
+  {
+    /* Readers never hold the lock for long, but a steady stream of them
+     * must not starve a metadata writer. */
+    pthread_rwlockattr_t a;
+    pthread_rwlockattr_init (&a);
+    pthread_rwlockattr_setkind_np (&a,
+                                   PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init (&img->io_lock, &a);
+    pthread_rwlockattr_destroy (&a);
+  }
 
   real = realpath (path, NULL);
   if (real == NULL) {
