@@ -1,0 +1,81 @@
+#!/usr/bin/env bats
+# Image locking and the backing-file policy.
+
+bats_require_minimum_version 1.5.0
+load helpers
+
+setup ()
+{
+    cd "$BATS_TEST_TMPDIR"
+    qemu-img create -q -f qcow2 base.qcow2 16M
+    qemu-io -f qcow2 -c 'write -P 0x11 0 1M' base.qcow2 >/dev/null
+    qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2
+    qemu-io -f qcow2 -c 'write -P 0x22 4M 1M' top.qcow2 >/dev/null
+}
+
+teardown () { stop_nbdkit; }
+
+@test "locking: QEMU cannot open an image we are writing" {
+    start_nbdkit "$PLUGIN" top.qcow2
+    nbdsh -u "$uri" -c 'h.pwrite(b"x" * 512, 0)'
+    run ! qemu-io -f qcow2 -c 'read 0 512' top.qcow2
+    [[ "$output" =~ "lock" ]]
+    # Nor write the backing file we read from.
+    run ! qemu-io -f qcow2 -c 'write 0 512' base.qcow2
+    [[ "$output" =~ "lock" ]]
+    # Shared access (qemu-img -U) still works.
+    run -0 qemu-img info -U top.qcow2
+}
+
+@test "locking: we refuse an image QEMU is writing; locking=off overrides" {
+    qemu-io -f qcow2 -c 'sleep 20000' top.qcow2 &
+    qpid=$!
+    for _ in $(seq 1 100); do
+        qemu-img info top.qcow2 >/dev/null 2>&1 || break; sleep 0.05
+    done
+    run ! timeout 20 nbdkit -U - "$PLUGIN" top.qcow2 --run 'nbdinfo --size "$uri"'
+    [[ "$output" =~ "lock" ]]
+    [[ "$output" =~ "locking=off" ]]
+    run -0 timeout 20 nbdkit -U - -r "$PLUGIN" top.qcow2 locking=off \
+        --run 'nbdinfo --size "$uri"'
+    [[ "$output" =~ 16777216 ]]
+    kill "$qpid"; wait "$qpid" || true
+}
+
+@test "backing=none serves the image without its backing file" {
+    nbdkit -U - -r "$PLUGIN" top.qcow2 backing=none --run '
+      nbdsh -u "$uri" -c "assert h.pread(512, 0) == bytearray(512)" \
+                      -c "assert h.pread(512, 4 << 20) == b\"\x22\" * 512"'
+}
+
+@test "backing=PATH replaces the backing file" {
+    qemu-img create -q -f raw other.raw 16M
+    qemu-io -f raw -c 'write -P 0x33 0 1M' other.raw >/dev/null
+    nbdkit -U - -r "$PLUGIN" top.qcow2 backing=other.raw --run '
+      nbdsh -u "$uri" -c "assert h.pread(512, 0) == b\"\x33\" * 512"'
+}
+
+@test "backing names that are not plain files are refused" {
+    mkfifo fifo
+    qemu-img create -q -f qcow2 -u -b fifo -F raw f.qcow2 1M
+    run ! timeout 10 nbdkit -U - "$PLUGIN" f.qcow2 --run true
+    [ "$status" -ne 124 ]
+    [[ "$output" =~ "not a regular file" ]]
+    mkdir dir
+    qemu-img create -q -f qcow2 -u -b dir -F raw d.qcow2 1M
+    run ! timeout 10 nbdkit -U - "$PLUGIN" d.qcow2 --run true
+    [[ "$output" =~ "regular file" || "$output" =~ "directory" ]]
+    qemu-img create -q -f qcow2 -u -b 'nbd://localhost/x' -F raw n.qcow2 1M
+    run ! timeout 10 nbdkit -U - "$PLUGIN" n.qcow2 --run true
+    [[ "$output" =~ "protocol" ]]
+    qemu-img create -q -f qcow2 -u -b 'json:{"file.filename":"base.qcow2"}' -F qcow2 j.qcow2 1M
+    run ! timeout 10 nbdkit -U - "$PLUGIN" j.qcow2 --run true
+    [[ "$output" =~ "json:" ]]
+}
+
+@test "backing=none also lifts the policy for an image whose name is refused" {
+    mkfifo fifo2
+    qemu-img create -q -f qcow2 -u -b fifo2 -F raw g.qcow2 1M
+    run -0 timeout 10 nbdkit -U - -r "$PLUGIN" g.qcow2 backing=none \
+        --run 'nbdinfo --size "$uri"'
+}
