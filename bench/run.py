@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 
+BENCH_PASSWORD = "bench-secret"  # for the LUKS workload only
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -144,7 +145,7 @@ class CpuSampler(threading.Thread):
 
 class Server:
     def __init__(self, kind, image, sock, logpath, plugin, extra=None,
-                 qemu_image_opts=None):
+                 qemu_image_opts=None, qemu_objects=None):
         self.kind = kind
         self.sock = sock
         if kind == "ours":
@@ -156,6 +157,7 @@ class Server:
         elif kind == "qemu":
             cmd = ["qemu-nbd", "--cache=writeback", "--aio=threads", "-e", "8",
                    "--discard=unmap", "-t", "-k", sock]
+            cmd += list(qemu_objects or [])
             if qemu_image_opts:
                 cmd += ["--image-opts",
                         "driver=qcow2,file.driver=file,file.filename=%s,%s"
@@ -285,6 +287,23 @@ class Images:
                  "-o", "cluster_size=65536", self.alloc_raw(), p])
             return p
         return self._once("alloc.qcow2", mk)
+
+    def luks_qcow2(self):
+        """The allocated image's data in a LUKS-encrypted qcow2 (QEMU's
+        default cipher, aes-256-xts), password BENCH_PASSWORD."""
+        def mk():
+            p = self.path("luks.qcow2")
+            for _ in range(3):   # qemu-img can fail timing PBKDF2 here
+                r = subprocess.run(
+                    ["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
+                     "--object", "secret,id=s0,data=" + BENCH_PASSWORD,
+                     "-o", "cluster_size=65536,encrypt.format=luks,"
+                     "encrypt.key-secret=s0,encrypt.iter-time=10",
+                     self.alloc_raw(), p])
+                if r.returncode == 0:
+                    return p
+            raise RuntimeError("qemu-img could not create the LUKS image")
+        return self._once("luks.qcow2", mk)
 
     def copy_of(self, key, src):
         def mk():
@@ -441,6 +460,17 @@ def make_workloads(cfg, im):
     W.append(dict(name="seqread-1m", cls="allocated", metric="mibs",
                   what="1M sequential read, QD8, fully allocated image",
                   fio=dict(rw="read", bs="1M", iodepth=8), image=alloc))
+    W.append(dict(name="seqread-1m-luks", cls="encrypted", metric="mibs",
+                  what="1M sequential read, QD8, LUKS (aes-256-xts) image "
+                       "of the same data; compare with seqread-1m for the "
+                       "cost of decryption",
+                  fio=dict(rw="read", bs="1M", iodepth=8),
+                  image=lambda k: shared(k, im.luks_qcow2, im.alloc_raw),
+                  ours_extra=["password=" + BENCH_PASSWORD],
+                  qemu_objects=["--object",
+                                "secret,id=s0,data=" + BENCH_PASSWORD],
+                  qemu_image_opts="encrypt.key-secret=s0",
+                  drop_after=["luks.qcow2"]))
     W.append(dict(name="seqread-1m-zlib", cls="compressed", metric="mibs",
                   what="1M sequential read, QD8, zlib-compressed image "
                        "(%d MiB of text-like data)" % (cfg.comp_size // MiB),
@@ -496,7 +526,8 @@ def make_workloads(cfg, im):
     return W
 
 
-QUICK_SET = ["randread-4k-qd16", "randwrite-4k-alloc", "randwrite-4k-empty",
+QUICK_SET = ["randread-4k-qd16", "seqread-1m", "seqread-1m-luks",
+             "randwrite-4k-alloc", "randwrite-4k-empty",
              "randwrite-4k-backing", "seqread-1m-zstd",
              "randread-4k-1T-l2c1M"]
 
@@ -602,7 +633,8 @@ def bench_fio(cfg, wl, im, tmp, results):
             srv = Server(kind, img, sock, os.path.join(tmp, "server.log"),
                          cfg.plugin,
                          extra=wl.get("ours_extra") if kind == "ours" else None,
-                         qemu_image_opts=wl.get("qemu_image_opts")
+                         qemu_image_opts=wl.get("qemu_image_opts"),
+                         qemu_objects=wl.get("qemu_objects")
                          if kind == "qemu" else None)
             perf = None
             if cfg.perf and kind == "ours" and rep == 0 and \
