@@ -77,16 +77,12 @@ q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
   *offset = start * cs;
   end = (start + n) * cs;
   *fresh = *offset >= img->file_size;
-  if (end > img->file_size) {
-    /* Keep the file covering every allocated cluster, as qemu-img
-     * check expects. */
-    if (ftruncate (img->fd, end) == -1) {
-      int e = errno;
-      return q2_err (e, "extending the image to %llu bytes: %s",
-                     (unsigned long long) end, strerror (e));
-    }
+  /* No ftruncate: whoever allocated the cluster writes at least one byte
+   * of it (metadata whole, data from the guest write on), which puts its
+   * start inside the file as qemu-img check expects; bytes never written
+   * read as zeros.  file_size is the end of what is allocated. */
+  if (end > img->file_size)
     img->file_size = end;
-  }
   return 0;
 }
 

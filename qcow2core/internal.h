@@ -277,6 +277,12 @@ struct q2_image {
   uint64_t *meta_index;
   size_t meta_count;
   bool meta_stale;
+  /* Guest clusters whose new host cluster is being written outside the
+   * exclusive lock; changed under io_lock exclusive and inflight_lock. */
+  pthread_mutex_t inflight_lock;
+  pthread_cond_t inflight_cond;
+  uint64_t *inflight;
+  size_t nb_inflight, cap_inflight;
 
   /* Encryption (crypt_method 1 or 2); NULL when not encrypted. */
   struct q2_crypto *crypto;
@@ -438,6 +444,9 @@ int q2_zero_host (struct q2_image *img, int fd, uint64_t offset,
                   uint64_t len);
 int q2_write_locked (struct q2_image *img, const uint8_t *buf,
                      uint64_t count, uint64_t offset);
+/* Called with io_lock exclusive: returns (still holding it) once no
+ * cluster is being written outside the lock. */
+void q2_wait_no_inflight_locked (struct q2_image *img);
 /* A cluster of zeros (allocated on first use; never written to). */
 const uint8_t *q2_zero_buffer (struct q2_image *img);
 

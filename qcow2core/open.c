@@ -344,6 +344,8 @@ q2_open_layer (const char *path, const char *format,
   img->depth = depth;
   img->locking = opts->locking;
   pthread_mutex_init (&img->lock, NULL);
+  pthread_mutex_init (&img->inflight_lock, NULL);
+  pthread_cond_init (&img->inflight_cond, NULL);
   {
     /* Readers never hold the lock for long, but a steady stream of them
      * must not starve a metadata writer. */
@@ -359,6 +361,8 @@ q2_open_layer (const char *path, const char *format,
   if (real == NULL) {
     int e = errno;
     pthread_mutex_destroy (&img->lock);
+    pthread_mutex_destroy (&img->inflight_lock);
+    pthread_cond_destroy (&img->inflight_cond);
     pthread_rwlock_destroy (&img->io_lock);
     free (img);
     return q2_err (e, "%s: %s", path, strerror (e));
@@ -452,6 +456,9 @@ q2_free_layer (struct q2_image *img)
   free (img->pending_free);
   free (img->zero_buf);
   free (img->meta_index);
+  free (img->inflight);
+  pthread_mutex_destroy (&img->inflight_lock);
+  pthread_cond_destroy (&img->inflight_cond);
   q2_crypto_free (img->crypto);
   pthread_mutex_destroy (&img->lock);
   pthread_rwlock_destroy (&img->io_lock);

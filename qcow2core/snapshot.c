@@ -641,6 +641,7 @@ locked (struct q2_image *img, int (*fn) (struct q2_image *, const char *),
   int r;
 
   pthread_rwlock_wrlock (&img->io_lock);
+  q2_wait_no_inflight_locked (img);
   r = q2_prepare_write (img);
   if (r == 0)
     r = q2_flush_locked (img);

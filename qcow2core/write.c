@@ -252,25 +252,34 @@ write_encrypted (struct q2_image *img, const uint8_t *data, uint64_t gc,
   return r;
 }
 
-/* Writes [a, b) of one guest cluster.  Caller holds io_lock exclusively
- * and has called q2_prepare_write. */
-static int
-write_cluster (struct q2_image *img, const uint8_t *data, uint64_t gc,
-               uint64_t a, uint64_t b)
-{
-  uint64_t cs = img->cluster_size, entry, bitmap, l2, host, ra, rb;
-  uint64_t new_bitmap = 0, old_entry;
-  bool owned, allocated, compressed, new_cluster, fresh = false;
-  bool head_buf, tail_buf;
-  uint8_t *head, *tail;
-  struct iovec iov[3];
-  int n = 0, r;
-  struct q2_l2_decoded d;
+/* One guest cluster's write, planned under the exclusive lock, filled
+ * (copy-on-write and data) and then linked into the L2 table. */
+struct cluster_write {
+  uint64_t gc, a, b;            /* guest cluster, bytes [a, b) of it */
+  uint64_t l2, host, ra, rb;    /* host bytes [ra, rb) get written */
+  uint64_t old_entry, new_bitmap;
+  bool new_cluster, fresh, release_old;
+};
 
-  r = q2_get_l2_entry (img, gc, true, &entry, &bitmap, &l2);
+/* Decides where [a, b) of guest cluster gc goes and allocates a new host
+ * cluster if needed.  Caller holds io_lock exclusively. */
+static int
+plan_write (struct q2_image *img, uint64_t gc, uint64_t a, uint64_t b,
+            struct cluster_write *w)
+{
+  uint64_t cs = img->cluster_size, entry, bitmap;
+  bool owned, allocated, compressed;
+  struct q2_l2_decoded d;
+  int r;
+
+  memset (w, 0, sizeof *w);
+  w->gc = gc;
+  w->a = a;
+  w->b = b;
+  r = q2_get_l2_entry (img, gc, true, &entry, &bitmap, &w->l2);
   if (r < 0)
     return r;
-  old_entry = entry;
+  w->old_entry = entry;
   /* Invalid entries found while writing mean corruption. */
   if (q2_decode_l2 (img, entry, bitmap, 0, &d) < 0)
     return q2_mark_corrupt (img, "L2 entry for guest offset %#llx: %s",
@@ -278,91 +287,257 @@ write_cluster (struct q2_image *img, const uint8_t *data, uint64_t gc,
   compressed = d.type == Q2_COMPRESSED;
   allocated = !compressed && (d.host_offset != 0 || d.copied);
   owned = allocated && d.copied;
-  host = d.host_offset;
+  w->host = d.host_offset;
 
   if (has_data_file (img)) {
-    host = gc;                  /* guest offset == data file offset */
+    w->host = gc;               /* guest offset == data file offset */
     owned = true;
   }
-  new_cluster = !owned;
-  if (new_cluster) {
-    if ((r = q2_alloc_clusters (img, 1, &host, &fresh)) < 0)
-      return r;
-  }
+  w->new_cluster = !owned;
+  w->release_old = w->new_cluster && (compressed || allocated);
+  if (w->new_cluster &&
+      (r = q2_alloc_clusters (img, 1, &w->host, &w->fresh)) < 0)
+    return r;
 
   /* Which bytes of the host cluster this write must fill. */
   if (!img->extended_l2) {
     bool zero_flag = !compressed && (entry & QCOW_OFLAG_ZERO);
-    if (new_cluster || zero_flag || !allocated)
-      ra = 0, rb = cs;
+    if (w->new_cluster || zero_flag || !allocated)
+      w->ra = 0, w->rb = cs;
     else
-      ra = a, rb = b;
+      w->ra = a, w->rb = b;
   }
   else {
     uint64_t scs = cs / 32;
     unsigned sa = a / scs, sb = (b - 1) / scs, i;
-    if (new_cluster && (compressed || allocated)) {
+    if (w->release_old) {
       /* Replacing a shared or compressed cluster: copy all of it. */
-      ra = 0, rb = cs;
-      new_bitmap = 0xffffffffULL;
+      w->ra = 0, w->rb = cs;
+      w->new_bitmap = 0xffffffffULL;
     }
     else {
       bool in_place_a = owned && (bitmap & (1ULL << sa));
       bool in_place_b = owned && (bitmap & (1ULL << sb));
       if (!owned)
         bitmap = entry & L2E_OFFSET_MASK ? bitmap : bitmap & L2_BITMAP_ALL_ZERO;
-      ra = in_place_a ? a : sa * scs;
-      rb = in_place_b ? b : (sb + 1) * scs;
-      new_bitmap = bitmap;
+      w->ra = in_place_a ? a : sa * scs;
+      w->rb = in_place_b ? b : (sb + 1) * scs;
+      w->new_bitmap = bitmap;
       for (i = sa; i <= sb; i++)
-        new_bitmap = (new_bitmap | (1ULL << i)) & ~(1ULL << (32 + i));
+        w->new_bitmap = (w->new_bitmap | (1ULL << i)) & ~(1ULL << (32 + i));
     }
   }
-
   if (img->crypto) {
     /* Whole sectors are encrypted; read-modify-write the edges. */
-    ra = Q2_ROUND_DOWN (ra, 512);
-    rb = Q2_MIN (Q2_ROUND_UP (rb, 512), cs);
+    w->ra = Q2_ROUND_DOWN (w->ra, 512);
+    w->rb = Q2_MIN (Q2_ROUND_UP (w->rb, 512), cs);
   }
-  r = q2_check_overlap (img, host + ra, rb - ra, "guest data",
-                        has_data_file (img) ? 0 : Q2_OVERLAP_ALL);
-  if (r < 0)
-    return r;
-  head = q2_scratch (Q2_SCRATCH_WRITE, cs);
-  tail = q2_scratch (Q2_SCRATCH_COW_TAIL, cs);
+  return q2_check_overlap (img, w->host + w->ra, w->rb - w->ra, "guest data",
+                           has_data_file (img) ? 0 : Q2_OVERLAP_ALL);
+}
+
+/* Writes the data and the copy-on-write edges to the host.  Needs only
+ * the shared lock when the cluster is new (nobody else can see it). */
+static int
+fill_write (struct q2_image *img, const uint8_t *data,
+            const struct cluster_write *w)
+{
+  uint64_t a = w->a, b = w->b, ra = w->ra, rb = w->rb, host = w->host;
+  uint8_t *head = q2_scratch (Q2_SCRATCH_WRITE, img->cluster_size);
+  uint8_t *tail = q2_scratch (Q2_SCRATCH_COW_TAIL, img->cluster_size);
+  bool head_buf, tail_buf;
+  struct iovec iov[3];
+  int n = 0, r;
+
   if (head == NULL || tail == NULL)
     return q2_err (ENOMEM, "out of memory for copy-on-write");
-
   if (img->crypto)
-    r = write_encrypted (img, data, gc, host, ra, a, b, rb, head);
-  else {
-    r = prepare_cow (img, gc + ra, a - ra, head, host + ra, fresh, &head_buf);
-    if (r == 0)
-      r = prepare_cow (img, gc + b, rb - b, tail, host + b, fresh, &tail_buf);
-    if (r == 0) {
-      /* Head, data and tail in one write where they are contiguous. */
-      uint64_t wstart = head_buf ? ra : a;
-      uint64_t wend = tail_buf ? rb : b;
-      if (head_buf)
-        iov[n++] = (struct iovec) { head, a - ra };
-      iov[n++] = (struct iovec) { (void *) data, b - a };
-      if (tail_buf)
-        iov[n++] = (struct iovec) { tail, rb - b };
-      r = q2_io_pwritev (img->data_fd, iov, n, host + wstart, "guest data");
-      if (r == 0 && host + wend > img->file_size && !has_data_file (img))
-        img->file_size = host + wend;
-    }
-  }
+    return write_encrypted (img, data, w->gc, host, ra, a, b, rb, head);
+  r = prepare_cow (img, w->gc + ra, a - ra, head, host + ra, w->fresh,
+                   &head_buf);
+  if (r == 0)
+    r = prepare_cow (img, w->gc + b, rb - b, tail, host + b, w->fresh,
+                     &tail_buf);
   if (r < 0)
     return r;
+  /* Head, data and tail in one write where they are contiguous. */
+  if (head_buf)
+    iov[n++] = (struct iovec) { head, a - ra };
+  iov[n++] = (struct iovec) { (void *) data, b - a };
+  if (tail_buf)
+    iov[n++] = (struct iovec) { tail, rb - b };
+  return q2_io_pwritev (img->data_fd, iov, n, host + (head_buf ? ra : a),
+                       "guest data");
+}
 
-  /* Link the cluster. */
-  entry = host | QCOW_OFLAG_COPIED;
-  if ((r = q2_set_l2_entry (img, l2, gc, entry, new_bitmap)) < 0)
-    return r;
-  if (new_cluster && (compressed || allocated))
-    return q2_release_entry (img, old_entry);
+/* Points the L2 entry at the written cluster.  Exclusive lock. */
+static int
+link_write (struct q2_image *img, const struct cluster_write *w)
+{
+  int r;
+
+  /* An owned cluster may end past the old end of the file. */
+  if (!has_data_file (img) && w->host + w->rb > img->file_size)
+    img->file_size = w->host + w->rb;
+  r = q2_set_l2_entry (img, w->l2, w->gc, w->host | QCOW_OFLAG_COPIED,
+                       w->new_bitmap);
+  if (r == 0 && w->release_old)
+    r = q2_release_entry (img, w->old_entry);
+  return r;
+}
+
+/* Writes [a, b) of one guest cluster entirely under the exclusive
+ * lock (caller holds it and has called q2_prepare_write). */
+static int
+write_cluster (struct q2_image *img, const uint8_t *data, uint64_t gc,
+               uint64_t a, uint64_t b)
+{
+  struct cluster_write w;
+  int r = plan_write (img, gc, a, b, &w);
+
+  if (r == 0)
+    r = fill_write (img, data, &w);
+  if (r == 0)
+    r = link_write (img, &w);
+  return r;
+}
+
+/* ---- clusters being written outside the exclusive lock ---- */
+
+static bool
+inflight_has (const struct q2_image *img, uint64_t gc)
+{
+  size_t i;
+
+  for (i = 0; i < img->nb_inflight; i++)
+    if (img->inflight[i] == gc)
+      return true;
+  return false;
+}
+
+static int
+inflight_add (struct q2_image *img, uint64_t gc)
+{
+  pthread_mutex_lock (&img->inflight_lock);
+  if (img->nb_inflight == img->cap_inflight) {
+    size_t cap = img->cap_inflight ? img->cap_inflight * 2 : 16;
+    uint64_t *p = realloc (img->inflight, cap * sizeof *p);
+    if (p == NULL) {
+      pthread_mutex_unlock (&img->inflight_lock);
+      return q2_err (ENOMEM, "out of memory");
+    }
+    img->inflight = p;
+    img->cap_inflight = cap;
+  }
+  img->inflight[img->nb_inflight++] = gc;
+  pthread_mutex_unlock (&img->inflight_lock);
   return 0;
+}
+
+static void
+inflight_remove (struct q2_image *img, uint64_t gc)
+{
+  size_t i;
+
+  pthread_mutex_lock (&img->inflight_lock);
+  for (i = 0; i < img->nb_inflight; i++)
+    if (img->inflight[i] == gc) {
+      img->inflight[i] = img->inflight[--img->nb_inflight];
+      break;
+    }
+  pthread_cond_broadcast (&img->inflight_cond);
+  pthread_mutex_unlock (&img->inflight_lock);
+}
+
+/* Waits until gc (or, with all, every cluster) is no longer in flight.
+ * Called without io_lock. */
+static void
+inflight_wait (struct q2_image *img, uint64_t gc, bool all)
+{
+  pthread_mutex_lock (&img->inflight_lock);
+  while (all ? img->nb_inflight > 0 : inflight_has (img, gc))
+    pthread_cond_wait (&img->inflight_cond, &img->inflight_lock);
+  pthread_mutex_unlock (&img->inflight_lock);
+}
+
+void
+q2_wait_no_inflight_locked (struct q2_image *img)
+{
+  /* Holding io_lock exclusively while waiting would block the writers
+   * that must finish: drop it around the wait. */
+  while (img->nb_inflight > 0) {
+    pthread_rwlock_unlock (&img->io_lock);
+    inflight_wait (img, 0, true);
+    pthread_rwlock_wrlock (&img->io_lock);
+  }
+}
+
+/* Does filling this new cluster read data (from a backing file, a
+ * compressed or shared cluster)?  Only then is it worth leaving the
+ * exclusive lock for. */
+static bool
+cow_reads_data (struct q2_image *img, const struct cluster_write *w)
+{
+  bool zero_head = true, zero_tail = true;
+
+  if (w->a > w->ra &&
+      reads_as_zero (img, w->gc + w->ra, w->a - w->ra, &zero_head) < 0)
+    return true;
+  if (w->rb > w->b &&
+      reads_as_zero (img, w->gc + w->b, w->rb - w->b, &zero_tail) < 0)
+    return true;
+  return !zero_head || !zero_tail;
+}
+
+/* Writes one guest cluster, copying and writing a new cluster's data
+ * under the shared lock so that several such writes (copy-on-write
+ * from a backing file, say) run in parallel.  The cluster is marked in
+ * flight meanwhile: other writes, zeroes and trims of it wait. */
+static int
+write_cluster_parallel (struct q2_image *img, const uint8_t *data,
+                        uint64_t gc, uint64_t a, uint64_t b)
+{
+  struct cluster_write w;
+  int r, r2;
+
+  for (;;) {
+    pthread_rwlock_wrlock (&img->io_lock);
+    if (!inflight_has (img, gc))
+      break;
+    pthread_rwlock_unlock (&img->io_lock);
+    inflight_wait (img, gc, false);
+  }
+  r = q2_prepare_write (img);
+  if (r == 0)
+    r = plan_write (img, gc, a, b, &w);
+  if (r < 0 || !w.new_cluster || img->crypto || !cow_reads_data (img, &w)) {
+    /* Nothing to gain outside the lock: finish here. */
+    if (r == 0)
+      r = fill_write (img, data, &w);
+    if (r == 0)
+      r = link_write (img, &w);
+    pthread_rwlock_unlock (&img->io_lock);
+    return r;
+  }
+  if ((r = inflight_add (img, gc)) < 0) {
+    q2_free_later (img, w.host, img->cluster_size);
+    pthread_rwlock_unlock (&img->io_lock);
+    return r;
+  }
+  pthread_rwlock_unlock (&img->io_lock);
+
+  pthread_rwlock_rdlock (&img->io_lock);
+  r = fill_write (img, data, &w);
+  pthread_rwlock_unlock (&img->io_lock);
+
+  pthread_rwlock_wrlock (&img->io_lock);
+  if (r == 0)
+    r = link_write (img, &w);
+  else if ((r2 = q2_free_later (img, w.host, img->cluster_size)) < 0)
+    r = r2;                     /* the unused cluster is only leaked */
+  inflight_remove (img, gc);
+  pthread_rwlock_unlock (&img->io_lock);
+  return r;
 }
 
 int
@@ -458,12 +633,20 @@ q2_pwrite (struct q2_image *img, const void *buf, uint64_t count,
   if (r < 0)
     return r;
   if (done < count) {
+    const uint8_t *p = (const uint8_t *) buf + done;
+    uint64_t cs = img->cluster_size;
+    count -= done;
+    offset += done;
+    while (r == 0 && count > 0) {
+      uint64_t gc = Q2_ROUND_DOWN (offset, cs);
+      uint64_t n = Q2_MIN (count, cs - (offset - gc));
+      r = write_cluster_parallel (img, p, gc, offset - gc, offset - gc + n);
+      p += n;
+      offset += n;
+      count -= n;
+    }
+    /* Leave the overlap index fresh for the shared-lock path. */
     pthread_rwlock_wrlock (&img->io_lock);
-    r = q2_prepare_write (img);
-    if (r == 0)
-      r = q2_write_locked (img, (const uint8_t *) buf + done, count - done,
-                           offset + done);
-    /* Leave the index fresh for the shared-lock path. */
     if (r == 0)
       r = q2_meta_index_refresh (img);
     pthread_rwlock_unlock (&img->io_lock);

@@ -239,6 +239,7 @@ q2_zero (struct q2_image *img, uint64_t count, uint64_t offset,
   if (offset > img->virtual_size || count > img->virtual_size - offset)
     return q2_err (ENOSPC, "zero beyond the end of the disk");
   pthread_rwlock_wrlock (&img->io_lock);
+  q2_wait_no_inflight_locked (img);
   r = q2_prepare_write (img);
   if (r == 0)
     r = zero_locked (img, offset, count, may_trim, fast);
@@ -258,6 +259,7 @@ q2_trim (struct q2_image *img, uint64_t count, uint64_t offset, bool fua)
   if (offset > img->virtual_size || count > img->virtual_size - offset)
     return q2_err (ENOSPC, "trim beyond the end of the disk");
   pthread_rwlock_wrlock (&img->io_lock);
+  q2_wait_no_inflight_locked (img);
   r = q2_prepare_write (img);
   if (r == 0)
     r = trim_locked (img, offset, count);
