@@ -640,19 +640,6 @@ setup_encrypt (const struct q2_create_opts *o, uint8_t **luks,
 
 /* ---- reading the encryption parameters for display ---- */
 
-#define LUKS_MAGIC "LUKS\xba\xbe"
-#define LH_CIPHER_NAME 8
-#define LH_CIPHER_MODE 40
-#define LH_HASH_SPEC 72
-#define LH_FIELD_LEN 32
-#define LH_PAYLOAD_OFFSET 104
-#define LH_KEY_BYTES 108
-#define LH_MK_DIGEST_ITER 164
-#define LH_UUID 168
-#define LH_UUID_LEN 40
-#define LH_SLOTS 208
-#define LS_SIZE 48
-#define LUKS_SLOT_ENABLED 0x00ac71f3U
 
 static int
 copy_field (char *dst, size_t dst_len, const uint8_t *src, size_t len,

@@ -33,31 +33,7 @@
 #define MAX_KEY 64                      /* aes-256-xts */
 
 /* ---- LUKS1 phdr layout (all integers big-endian) ---- */
-#define LUKS_MAGIC "LUKS\xba\xbe"
-#define LUKS_MAGIC_LEN 6
-#define LH_VERSION 6
-#define LH_CIPHER_NAME 8
-#define LH_CIPHER_MODE 40
-#define LH_HASH_SPEC 72
-#define LH_FIELD_LEN 32
-#define LH_PAYLOAD_OFFSET 104
-#define LH_KEY_BYTES 108
-#define LH_MK_DIGEST 112
-#define LH_MK_DIGEST_SALT 132
-#define LH_MK_DIGEST_ITER 164
-#define LH_UUID 168
-#define LH_UUID_LEN 40
-#define LH_SLOTS 208
-#define LS_SIZE 48
-#define LS_ACTIVE 0
-#define LS_ITERATIONS 4
-#define LS_SALT 8
-#define LS_KM_OFFSET 40
-#define LS_STRIPES 44
-#define LUKS_DIGEST_LEN 20
-#define LUKS_SALT_LEN 32
-#define LUKS_SLOT_ENABLED 0x00ac71f3U
-#define LUKS_SLOT_DISABLED 0x0000deadU
+/* The LUKS1 layout constants are in crypto.h. */
 /* QEMU's layout: the phdr gets 4096 bytes, and each slot's key material
  * is rounded up to a multiple of that. */
 #define LUKS_ALIGN_SECTORS 8

@@ -68,8 +68,8 @@ check_table (const char *size_field, const char *offset_field,
   return 0;
 }
 
-static char *
-dup_string (const uint8_t *p, size_t len)
+char *
+q2_dup_string (const uint8_t *p, size_t len)
 {
   char *s = malloc (len + 1);
 
@@ -107,7 +107,7 @@ parse_one_extension (struct q2_header *h, uint32_t type, uint32_t len,
       return q2_err (EINVAL, "backing format header extension: length %u "
                      "is too long", len);
     free (h->backing_format);
-    if ((h->backing_format = dup_string (data, len)) == NULL)
+    if ((h->backing_format = q2_dup_string (data, len)) == NULL)
       return q2_err (ENOMEM, "out of memory");
     return 0;
 
@@ -116,7 +116,7 @@ parse_one_extension (struct q2_header *h, uint32_t type, uint32_t len,
       return q2_err (EINVAL, "external data file header extension: length "
                      "%u is invalid", len);
     free (h->data_file);
-    if ((h->data_file = dup_string (data, len)) == NULL)
+    if ((h->data_file = q2_dup_string (data, len)) == NULL)
       return q2_err (ENOMEM, "out of memory");
     if (strlen (h->data_file) != len)
       return q2_err (EINVAL, "external data file name contains a NUL byte");
@@ -375,7 +375,7 @@ parse_header (const uint8_t *buf, size_t len, uint64_t file_size,
       r = q2_err (EINVAL, "backing file name runs past the end of the file");
       goto fail;
     }
-    h->backing_file = dup_string (buf + h->backing_file_offset,
+    h->backing_file = q2_dup_string (buf + h->backing_file_offset,
                                   h->backing_file_size);
     if (h->backing_file == NULL) {
       r = q2_err (ENOMEM, "out of memory");

@@ -47,6 +47,9 @@ static inline void q2_put_be64 (void *p, uint64_t v)
   q2_put_be32 ((uint8_t *) p + 4, v);
 }
 
+/* A NUL-terminated copy of len bytes (names read from the image). */
+char *q2_dup_string (const uint8_t *p, size_t len);
+
 /* ---- error.c ---- */
 /* Records a message for q2_last_error() and returns -errnum. */
 int q2_err (int errnum, const char *fmt, ...)

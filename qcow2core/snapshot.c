@@ -28,18 +28,6 @@ q2_snapshots_free (struct q2_image *img)
   img->snapshot_table_len = 0;
 }
 
-static char *
-dup_bytes (const uint8_t *p, size_t len)
-{
-  char *s = malloc (len + 1);
-
-  if (s) {
-    memcpy (s, p, len);
-    s[len] = '\0';
-  }
-  return s;
-}
-
 static int
 parse_one (struct q2_image *img, const uint8_t *p, uint64_t avail,
            uint32_t index, struct q2_snapshot *s, uint64_t *len)
@@ -71,8 +59,8 @@ parse_one (struct q2_image *img, const uint8_t *p, uint64_t avail,
                    "snapshot table", index);
   s->extra_size = extra;
   s->extra = malloc (extra ? extra : 1);
-  s->id = dup_bytes (p + SNAP_HEADER_LEN + extra, id_len);
-  s->name = dup_bytes (p + SNAP_HEADER_LEN + extra + id_len, name_len);
+  s->id = q2_dup_string (p + SNAP_HEADER_LEN + extra, id_len);
+  s->name = q2_dup_string (p + SNAP_HEADER_LEN + extra + id_len, name_len);
   if (s->extra == NULL || s->id == NULL || s->name == NULL)
     return q2_err (ENOMEM, "out of memory");
   memcpy (s->extra, p + SNAP_HEADER_LEN, extra);
