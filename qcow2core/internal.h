@@ -275,10 +275,11 @@ struct q2_image {
   struct q2_range *pending_free;
   size_t nb_pending_free, cap_pending_free;
   uint8_t *zero_buf;            /* one cluster of zeros, never written */
-  /* Sorted host offsets of active L2 tables and refcount blocks, for
-   * overlap checks; rebuilt by writers when meta_stale. */
+  /* Hash set of the clusters of active L2 tables and refcount blocks,
+   * for overlap checks (meta.c); updated as tables move, rebuilt when
+   * meta_stale. */
   uint64_t *meta_index;
-  size_t meta_count;
+  size_t meta_count, meta_used;
   bool meta_stale;
   /* Guest clusters whose new host cluster is being written outside the
    * exclusive lock; changed under io_lock exclusive and inflight_lock. */
@@ -470,6 +471,10 @@ int q2_check_overlap (struct q2_image *img, uint64_t off, uint64_t len,
                       const char *what, unsigned kinds);
 /* Writers (io_lock exclusive): rebuild the overlap index if stale. */
 int q2_meta_index_refresh (struct q2_image *img);
+/* An L2 table or refcount block moved from old_off to new_off (either
+ * may be 0). */
+void q2_meta_index_update (struct q2_image *img, uint64_t old_off,
+                           uint64_t new_off, bool refblock);
 int q2_write_reftable (struct q2_image *img, const uint64_t *table,
                        uint64_t entries, uint64_t offset);
 /* Writes nb_blocks new refcount blocks after a new table at cluster

@@ -73,90 +73,133 @@ overlaps (uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
   return alen && blen && a < b + blen && b < a + alen;
 }
 
-static int
-cmp_u64 (const void *a, const void *b)
-{
-  uint64_t x = *(const uint64_t *) a, y = *(const uint64_t *) b;
+/* The overlap index: a hash set of the clusters holding active L2
+ * tables and refcount blocks, keyed by offset with bit 0 set for
+ * refcount blocks (offset 0, the header, is never a table, so 0 marks
+ * an empty slot and 1 a deleted one). */
+#define INDEX_REFBLOCK 1ULL
+#define INDEX_EMPTY 0
+#define INDEX_DELETED 1
 
-  return x < y ? -1 : x > y;
+static size_t
+index_slot (uint64_t key, size_t mask)
+{
+  return (size_t) ((key * 0x9e3779b97f4a7c15ULL) >> 17) & mask;
+}
+
+static void
+index_put (uint64_t *t, size_t mask, uint64_t key)
+{
+  size_t i = index_slot (key, mask);
+
+  while (t[i] != INDEX_EMPTY && t[i] != INDEX_DELETED && t[i] != key)
+    i = (i + 1) & mask;
+  t[i] = key;
+}
+
+static bool
+index_has (const struct q2_image *img, uint64_t key)
+{
+  size_t mask = img->meta_count - 1, i = index_slot (key, mask), n;
+
+  for (n = 0; n <= mask && img->meta_index[i] != INDEX_EMPTY; n++) {
+    if (img->meta_index[i] == key)
+      return true;
+    i = (i + 1) & mask;
+  }
+  return false;
 }
 
 int
 q2_meta_index_refresh (struct q2_image *img)
 {
-  uint64_t *v, i;
-  size_t n = 0;
+  uint64_t *t, i;
+  size_t size = 64;
 
   if (!img->meta_stale && img->meta_index)
     return 0;
-  v = malloc ((img->l1_size + img->reftable_used + 1) * sizeof *v);
-  if (v == NULL)
+  /* At most half full, with room to grow by incremental updates. */
+  while (size < 4 * (img->l1_size + img->reftable_used + 16))
+    size *= 2;
+  t = calloc (size, sizeof *t);
+  if (t == NULL)
     return q2_err (ENOMEM, "out of memory for the metadata index");
   for (i = 0; i < img->l1_size; i++)
     if (img->l1[i] & L1E_OFFSET_MASK)
-      v[n++] = img->l1[i] & L1E_OFFSET_MASK;
+      index_put (t, size - 1, img->l1[i] & L1E_OFFSET_MASK);
   for (i = 0; i < img->reftable_used; i++)
     if (img->reftable[i] & REFT_OFFSET_MASK)
-      v[n++] = img->reftable[i] & REFT_OFFSET_MASK;
-  qsort (v, n, sizeof *v, cmp_u64);
+      index_put (t, size - 1,
+                 (img->reftable[i] & REFT_OFFSET_MASK) | INDEX_REFBLOCK);
   free (img->meta_index);
-  img->meta_index = v;
-  img->meta_count = n;
+  img->meta_index = t;
+  img->meta_count = size;       /* the table size */
+  img->meta_used = 0;
   img->meta_stale = false;
   return 0;
 }
 
-/* Is any indexed metadata cluster inside [off, off+len)? */
-static bool
-index_hit (const struct q2_image *img, uint64_t off, uint64_t len)
+void
+q2_meta_index_update (struct q2_image *img, uint64_t old_off,
+                      uint64_t new_off, bool refblock)
 {
-  uint64_t first = Q2_ROUND_DOWN (off, img->cluster_size);
-  size_t lo = 0, hi = img->meta_count;
+  uint64_t flag = refblock ? INDEX_REFBLOCK : 0;
 
-  /* First entry >= first. */
-  while (lo < hi) {
-    size_t mid = (lo + hi) / 2;
-    if (img->meta_index[mid] < first)
-      lo = mid + 1;
-    else
-      hi = mid;
+  if (img->meta_stale || img->meta_index == NULL)
+    return;                     /* rebuilt before the next use */
+  /* Updates leave deleted slots behind: rebuild when they pile up. */
+  if (++img->meta_used >= img->meta_count / 4) {
+    img->meta_stale = true;
+    return;
   }
-  return lo < img->meta_count && img->meta_index[lo] < off + len;
+  if (old_off) {
+    size_t mask = img->meta_count - 1, i = index_slot (old_off | flag, mask);
+    while (img->meta_index[i] != INDEX_EMPTY) {
+      if (img->meta_index[i] == (old_off | flag)) {
+        img->meta_index[i] = INDEX_DELETED;
+        break;
+      }
+      i = (i + 1) & mask;
+    }
+  }
+  if (new_off)
+    index_put (img->meta_index, img->meta_count - 1, new_off | flag);
+}
+
+/* Does an indexed table of the given kinds lie in [off, off+len)? */
+static const char *
+index_hit (const struct q2_image *img, uint64_t off, uint64_t len,
+           unsigned kinds)
+{
+  uint64_t c;
+
+  for (c = Q2_ROUND_DOWN (off, img->cluster_size); c < off + len;
+       c += img->cluster_size) {
+    if ((kinds & Q2_OVERLAP_REFBLOCKS) && index_has (img, c | INDEX_REFBLOCK))
+      return "a refcount block";
+    if ((kinds & Q2_OVERLAP_L2) && index_has (img, c))
+      return "an L2 table";
+  }
+  return NULL;
 }
 
 int
 q2_check_overlap (struct q2_image *img, uint64_t off, uint64_t len,
                   const char *what, unsigned kinds)
 {
-  uint64_t cs = img->cluster_size, i;
+  uint64_t cs = img->cluster_size;
   const char *hit = NULL;
+  int r;
 
   if ((kinds & Q2_OVERLAP_FIXED) &&
       q2_overlaps_fixed_metadata (img, off, len))
     hit = "the header, L1 table or refcount table";
-  /* Data writes use the index; metadata writes (which must skip their
-   * own kind) scan. */
-  if (!hit && (kinds & (Q2_OVERLAP_L2 | Q2_OVERLAP_REFBLOCKS)) ==
-      (Q2_OVERLAP_L2 | Q2_OVERLAP_REFBLOCKS) && !img->meta_stale &&
-      img->meta_index) {
-    if (index_hit (img, off, len))
-      hit = "an L2 table or refcount block";
-  }
-  else {
-    if (!hit && (kinds & Q2_OVERLAP_L2))
-      for (i = 0; i < img->l1_size; i++)
-        if (overlaps (off, len, img->l1[i] & L1E_OFFSET_MASK,
-                      (img->l1[i] & L1E_OFFSET_MASK) ? cs : 0)) {
-          hit = "an L2 table";
-          break;
-        }
-    if (!hit && (kinds & Q2_OVERLAP_REFBLOCKS))
-      for (i = 0; i < img->reftable_used; i++)
-        if (overlaps (off, len, img->reftable[i] & REFT_OFFSET_MASK,
-                      (img->reftable[i] & REFT_OFFSET_MASK) ? cs : 0)) {
-          hit = "a refcount block";
-          break;
-        }
+  /* The index only goes stale under the exclusive lock, and the
+   * shared-lock write path never calls this while it is stale. */
+  if (!hit && (kinds & (Q2_OVERLAP_L2 | Q2_OVERLAP_REFBLOCKS))) {
+    if ((r = q2_meta_index_refresh (img)) < 0)
+      return r;
+    hit = index_hit (img, off, len, kinds);
   }
   if (!hit && (kinds & Q2_OVERLAP_SNAPSHOTS) && img->hdr.nb_snapshots &&
       overlaps (off, len, img->hdr.snapshots_offset, cs))

@@ -147,7 +147,7 @@ create_refblock (struct q2_image *img, uint64_t rt_index, uint64_t avoid)
   q2_cache_discard (img->rb_cache, loc << img->cluster_bits,
                     img->cluster_size);
   img->reftable[rt_index] = loc << img->cluster_bits;
-  img->meta_stale = true;
+  q2_meta_index_update (img, 0, loc << img->cluster_bits, true);
   img->reftable_dirty = true;
   img->reftable_used = Q2_MAX (img->reftable_used, rt_index + 1);
   /* The block counts itself. */

@@ -67,7 +67,7 @@ q2_l2_table_for_write (struct q2_image *img, uint64_t guest_offset,
   q2_cache_discard (img->l2_cache, t, img->cluster_size);
   /* The L1 entry reaches the disk at flush, after the table is synced. */
   img->l1[l1_index] = t | QCOW_OFLAG_COPIED;
-  img->meta_stale = true;
+  q2_meta_index_update (img, old, t, false);
   img->l1_dirty = true;
   if (old && (r = q2_free_later (img, old, img->cluster_size)) < 0)
     return r;
