@@ -22,17 +22,7 @@ teardown () { stop_nbdkit; }
 
 # tnbdkit ARGS...: nbdkit killed after 10 s (timeout bypasses the
 # helpers' nbdkit function, so preload the sanitizer runtime here).
-tnbdkit ()
-{
-    if [ "${SANITIZE:-}" = 1 ]; then
-        timeout 10 env LD_PRELOAD="$Q2_ASAN_LIB" \
-            ASAN_OPTIONS="detect_leaks=0:exitcode=99" \
-            UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=98" \
-            nbdkit "$@"
-    else
-        timeout 10 nbdkit "$@"
-    fi
-}
+tnbdkit () { timeout_nbdkit 10 "$@"; }
 
 # qopts IMG: the --image-opts string that opens IMG with the secret.
 qopts ()

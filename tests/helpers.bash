@@ -23,6 +23,21 @@ if [ "${SANITIZE:-}" = 1 ]; then
     }
 fi
 
+# timeout_nbdkit SECONDS ARGS...: nbdkit under timeout(1), which runs the
+# binary and so would bypass the sanitizer wrapper above.
+timeout_nbdkit ()
+{
+    local t="$1"; shift
+    if [ "${SANITIZE:-}" = 1 ]; then
+        timeout "$t" env LD_PRELOAD="$Q2_ASAN_LIB" \
+            ASAN_OPTIONS="detect_leaks=0:exitcode=99" \
+            UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=98" \
+            nbdkit "$@"
+    else
+        timeout "$t" nbdkit "$@"
+    fi
+}
+
 # start_nbdkit ARGS...: daemonized nbdkit (background mode, so it chdirs
 # to /) on a unix socket; sets $sock $pidfile $uri $nbdkit_log.
 start_nbdkit ()

@@ -33,10 +33,10 @@ teardown () { stop_nbdkit; }
     for _ in $(seq 1 100); do
         qemu-img info top.qcow2 >/dev/null 2>&1 || break; sleep 0.05
     done
-    run ! timeout 20 nbdkit -U - "$PLUGIN" top.qcow2 --run 'nbdinfo --size "$uri"'
+    run ! timeout_nbdkit 20 -U - "$PLUGIN" top.qcow2 --run 'nbdinfo --size "$uri"'
     [[ "$output" =~ "lock" ]]
     [[ "$output" =~ "locking=off" ]]
-    run -0 timeout 20 nbdkit -U - -r "$PLUGIN" top.qcow2 locking=off \
+    run -0 timeout_nbdkit 20 -U - -r "$PLUGIN" top.qcow2 locking=off \
         --run 'nbdinfo --size "$uri"'
     [[ "$output" =~ 16777216 ]]
     kill "$qpid"; wait "$qpid" || true
@@ -58,24 +58,24 @@ teardown () { stop_nbdkit; }
 @test "backing names that are not plain files are refused" {
     mkfifo fifo
     qemu-img create -q -f qcow2 -u -b fifo -F raw f.qcow2 1M
-    run ! timeout 10 nbdkit -U - "$PLUGIN" f.qcow2 --run true
+    run ! timeout_nbdkit 10 -U - "$PLUGIN" f.qcow2 --run true
     [ "$status" -ne 124 ]
     [[ "$output" =~ "not a regular file" ]]
     mkdir dir
     qemu-img create -q -f qcow2 -u -b dir -F raw d.qcow2 1M
-    run ! timeout 10 nbdkit -U - "$PLUGIN" d.qcow2 --run true
+    run ! timeout_nbdkit 10 -U - "$PLUGIN" d.qcow2 --run true
     [[ "$output" =~ "regular file" || "$output" =~ "directory" ]]
     qemu-img create -q -f qcow2 -u -b 'nbd://localhost/x' -F raw n.qcow2 1M
-    run ! timeout 10 nbdkit -U - "$PLUGIN" n.qcow2 --run true
+    run ! timeout_nbdkit 10 -U - "$PLUGIN" n.qcow2 --run true
     [[ "$output" =~ "protocol" ]]
     qemu-img create -q -f qcow2 -u -b 'json:{"file.filename":"base.qcow2"}' -F qcow2 j.qcow2 1M
-    run ! timeout 10 nbdkit -U - "$PLUGIN" j.qcow2 --run true
+    run ! timeout_nbdkit 10 -U - "$PLUGIN" j.qcow2 --run true
     [[ "$output" =~ "json:" ]]
 }
 
 @test "backing=none also lifts the policy for an image whose name is refused" {
     mkfifo fifo2
     qemu-img create -q -f qcow2 -u -b fifo2 -F raw g.qcow2 1M
-    run -0 timeout 10 nbdkit -U - -r "$PLUGIN" g.qcow2 backing=none \
+    run -0 timeout_nbdkit 10 -U - -r "$PLUGIN" g.qcow2 backing=none \
         --run 'nbdinfo --size "$uri"'
 }
