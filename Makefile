@@ -89,7 +89,7 @@ plugin/nbdkit-qcow2-plugin.1: plugin/nbdkit-qcow2-plugin.pod
 # Everything build and test need on Debian 12; apt-get is idempotent.
 DEPS := nbdkit nbdkit-plugin-dev libnbd-bin python3-libnbd qemu-utils \
         zlib1g-dev libzstd-dev nettle-dev bats fio pkg-config gcc make \
-        perl clang libclang-rt-14-dev
+        perl clang libclang-rt-14-dev valgrind
 deps:
 	@if dpkg -s $(DEPS) >/dev/null 2>&1; then \
 	  echo "deps: all installed"; \
