@@ -43,6 +43,8 @@ fi
 [ "$secs" -gt 0 ] || exit 0
 echo "== $name: fuzzing for $secs s ($(ls "$corpus" | wc -l) corpus inputs)"
 log="$outdir/out/$name.log"
+# FUZZ_SEED makes the mutation sequence repeatable (make check sets it).
+[ -z "${FUZZ_SEED:-}" ] || flags+=("-seed=$FUZZ_SEED")
 if ! "$bin" "${flags[@]}" -max_total_time="$secs" -print_final_stats=1 \
         -artifact_prefix="$outdir/out/$name-" "$corpus" >"$log" 2>&1; then
     grep -E -A 60 'ERROR: |runtime error|==[0-9]+==|Test unit written' "$log" |
