@@ -97,7 +97,7 @@ static int
 walk_snapshots (struct walk *w, uint8_t *buf)
 {
   struct q2_image *img = w->img;
-  uint32_t i, j;
+  uint32_t i;
   int r;
 
   if (img->nb_snapshots == 0)
@@ -106,15 +106,11 @@ walk_snapshots (struct walk *w, uint8_t *buf)
            "snapshot table");
   for (i = 0; r == 0 && i < img->nb_snapshots; i++) {
     const struct q2_snapshot *s = &img->snapshots[i];
-    uint64_t *l1 = malloc ((uint64_t) s->l1_size * 8 + 8);
-    if (l1 == NULL)
-      return q2_err (ENOMEM, "out of memory");
+    uint64_t *l1 = NULL;
     r = inc (w, s->l1_offset, (uint64_t) s->l1_size * 8, "snapshot L1 table");
     if (r == 0)
-      r = q2_io_pread (img->fd, l1, (uint64_t) s->l1_size * 8, s->l1_offset,
-                       false, "snapshot L1 table");
-    for (j = 0; r == 0 && j < s->l1_size; j++)
-      l1[j] = q2_be64 (&l1[j]);
+      r = q2_read_table (img, s->l1_offset, s->l1_size, "snapshot L1 table",
+                         &l1);
     if (r == 0)
       r = walk_l1 (w, l1, s->l1_size, buf);
     free (l1);

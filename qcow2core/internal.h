@@ -302,6 +302,11 @@ int q2_open_layer (const char *path, const char *format,
                    const struct q2_open_opts *opts, int depth,
                    const char *const *chain, struct q2_image **out);
 void q2_free_layer (struct q2_image *img);
+/* Derives cluster, L2 and compressed-descriptor geometry from hdr. */
+void q2_set_geometry (struct q2_image *img);
+/* Reads a table of entries big-endian u64s into host order (malloc'd). */
+int q2_read_table (struct q2_image *img, uint64_t offset, uint64_t entries,
+                   const char *what, uint64_t **out);
 /* Reopens the files read-write and arms the write path, without the
  * policy checks of q2_make_writable (for repairs). */
 int q2_switch_to_rw (struct q2_image *img);

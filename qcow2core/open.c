@@ -83,9 +83,9 @@ file_mode (int fd)
   return fstat (fd, &st) == 0 ? st.st_mode : 0;
 }
 
-static int
-read_table (struct q2_image *img, uint64_t offset, uint64_t entries,
-            const char *what, uint64_t **out)
+int
+q2_read_table (struct q2_image *img, uint64_t offset, uint64_t entries,
+               const char *what, uint64_t **out)
 {
   uint64_t *t = malloc (entries ? entries * 8 : 8);
   uint64_t i;
@@ -173,6 +173,23 @@ check_features (struct q2_image *img)
   return 0;
 }
 
+void
+q2_set_geometry (struct q2_image *img)
+{
+  const struct q2_header *h = &img->hdr;
+
+  img->cluster_bits = h->cluster_bits;
+  img->cluster_size = 1ULL << h->cluster_bits;
+  img->extended_l2 = !!(h->incompatible_features & QCOW2_INCOMPAT_EXTL2);
+  img->l2_entry_size = img->extended_l2 ? 16 : 8;
+  img->l2_bits = h->cluster_bits - (img->extended_l2 ? 4 : 3);
+  img->subcluster_bits = h->cluster_bits - 5;
+  img->csize_shift = 62 - (h->cluster_bits - 8);
+  img->csize_mask = (1ULL << (h->cluster_bits - 8)) - 1;
+  img->coffset_mask = (1ULL << img->csize_shift) - 1;
+  img->refcount_bits = 1u << h->refcount_order;
+}
+
 static int
 setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
              const struct q2_open_opts *opts)
@@ -189,29 +206,20 @@ setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
   if ((r = setup_encryption (img, opts->password, opts->no_key)) < 0)
     return r;
 
-  img->cluster_bits = h->cluster_bits;
-  img->cluster_size = 1ULL << h->cluster_bits;
-  img->extended_l2 = !!(h->incompatible_features & QCOW2_INCOMPAT_EXTL2);
-  img->l2_entry_size = img->extended_l2 ? 16 : 8;
-  img->l2_bits = h->cluster_bits - (img->extended_l2 ? 4 : 3);
-  img->subcluster_bits = h->cluster_bits - 5;
-  img->csize_shift = 62 - (h->cluster_bits - 8);
-  img->csize_mask = (1ULL << (h->cluster_bits - 8)) - 1;
-  img->coffset_mask = (1ULL << img->csize_shift) - 1;
-  img->refcount_bits = 1u << h->refcount_order;
+  q2_set_geometry (img);
   /* QEMU works in 512-byte sectors and ignores a partial last sector. */
   img->virtual_size = Q2_ROUND_DOWN (h->size, 512);
   img->prealloc_state = -1;
 
   img->l1_size = h->l1_size;
-  r = read_table (img, h->l1_table_offset, h->l1_size, "L1 table", &img->l1);
+  r = q2_read_table (img, h->l1_table_offset, h->l1_size, "L1 table", &img->l1);
   if (r < 0)
     return r;
   if ((r = q2_snapshots_load (img)) < 0)
     return r;
   img->reftable_entries =
     (uint64_t) h->refcount_table_clusters * img->cluster_size / 8;
-  r = read_table (img, h->refcount_table_offset, img->reftable_entries,
+  r = q2_read_table (img, h->refcount_table_offset, img->reftable_entries,
                   "refcount table", &img->reftable);
   if (r < 0)
     return r;

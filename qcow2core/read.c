@@ -206,16 +206,21 @@ detect_prealloc (struct q2_image *img)
       return r;
     count += rc != 0;
   }
-  img->prealloc_state = count >= threshold;
+  __atomic_store_n (&img->prealloc_state, count >= threshold,
+                    __ATOMIC_RELEASE);
   return 0;
 }
 
 static int
 prealloc_state (struct q2_image *img)
 {
-  int r = 0;
+  int r = __atomic_load_n (&img->prealloc_state, __ATOMIC_ACQUIRE);
 
+  /* Decided once; only the first extents call takes the lock. */
+  if (r >= 0)
+    return r;
   pthread_mutex_lock (&img->lock);
+  r = 0;
   if (img->prealloc_state < 0)
     r = detect_prealloc (img);
   if (r == 0)

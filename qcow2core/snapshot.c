@@ -165,27 +165,6 @@ q2_snapshot_find (const struct q2_image *img, const char *name_or_id)
   return q2_err (ENOENT, "no snapshot with ID or name '%s'", name_or_id);
 }
 
-static int
-read_l1 (struct q2_image *img, uint64_t offset, uint32_t size, uint64_t **out)
-{
-  uint64_t *t = malloc ((uint64_t) size * 8 + 8);
-  uint32_t i;
-  int r;
-
-  if (t == NULL)
-    return q2_err (ENOMEM, "out of memory for an L1 table");
-  r = q2_io_pread (img->fd, t, (uint64_t) size * 8, offset, false,
-                   "snapshot L1 table");
-  if (r < 0) {
-    free (t);
-    return r;
-  }
-  for (i = 0; i < size; i++)
-    t[i] = q2_be64 (&t[i]);
-  *out = t;
-  return 0;
-}
-
 int
 q2_snapshot_load_tmp (struct q2_image *img, const char *name_or_id)
 {
@@ -198,7 +177,8 @@ q2_snapshot_load_tmp (struct q2_image *img, const char *name_or_id)
   if ((i = q2_snapshot_find (img, name_or_id)) < 0)
     return i;
   s = &img->snapshots[i];
-  if ((r = read_l1 (img, s->l1_offset, s->l1_size, &l1)) < 0)
+  if ((r = q2_read_table (img, s->l1_offset, s->l1_size, "snapshot L1 table",
+                            &l1)) < 0)
     return r;
   free (img->l1);
   img->l1 = l1;
@@ -484,7 +464,8 @@ delete_locked (struct q2_image *img, const char *name_or_id)
   if ((i = q2_snapshot_find (img, name_or_id)) < 0)
     return i;
   gone = img->snapshots[i];
-  if ((r = read_l1 (img, gone.l1_offset, gone.l1_size, &l1)) < 0)
+  if ((r = q2_read_table (img, gone.l1_offset, gone.l1_size,
+                            "snapshot L1 table", &l1)) < 0)
     return r;
 
   /* 1. The table without it: from here on a crash only leaks. */
@@ -572,7 +553,8 @@ apply_locked (struct q2_image *img, const char *name_or_id)
   if ((idx = q2_snapshot_find (img, name_or_id)) < 0)
     return idx;
   s = &img->snapshots[idx];
-  if ((r = read_l1 (img, s->l1_offset, s->l1_size, &sl1)) < 0)
+  if ((r = q2_read_table (img, s->l1_offset, s->l1_size,
+                            "snapshot L1 table", &sl1)) < 0)
     return r;
   if (s->l1_size > img->l1_size && (r = grow_l1 (img, s->l1_size)) < 0)
     goto out;

@@ -230,19 +230,23 @@ trim_locked (struct q2_image *img, uint64_t offset, uint64_t len)
   return 0;
 }
 
-int
-q2_zero (struct q2_image *img, uint64_t count, uint64_t offset,
-         bool may_trim, bool fast, bool fua)
+/* Zero (discard false) or trim under the exclusive lock, once no
+ * cluster is being written outside it. */
+static int
+zero_or_trim (struct q2_image *img, uint64_t count, uint64_t offset,
+              bool discard, bool may_trim, bool fast, bool fua)
 {
   int r;
 
   if (offset > img->virtual_size || count > img->virtual_size - offset)
-    return q2_err (ENOSPC, "zero beyond the end of the disk");
+    return q2_err (ENOSPC, "%s beyond the end of the disk",
+                   discard ? "trim" : "zero");
   pthread_rwlock_wrlock (&img->io_lock);
   q2_wait_no_inflight_locked (img);
   r = q2_prepare_write (img);
   if (r == 0)
-    r = zero_locked (img, offset, count, may_trim, fast);
+    r = discard ? trim_locked (img, offset, count) :
+      zero_locked (img, offset, count, may_trim, fast);
   if (r == 0)
     r = q2_meta_index_refresh (img);
   if (r == 0 && fua)
@@ -252,21 +256,14 @@ q2_zero (struct q2_image *img, uint64_t count, uint64_t offset,
 }
 
 int
+q2_zero (struct q2_image *img, uint64_t count, uint64_t offset,
+         bool may_trim, bool fast, bool fua)
+{
+  return zero_or_trim (img, count, offset, false, may_trim, fast, fua);
+}
+
+int
 q2_trim (struct q2_image *img, uint64_t count, uint64_t offset, bool fua)
 {
-  int r;
-
-  if (offset > img->virtual_size || count > img->virtual_size - offset)
-    return q2_err (ENOSPC, "trim beyond the end of the disk");
-  pthread_rwlock_wrlock (&img->io_lock);
-  q2_wait_no_inflight_locked (img);
-  r = q2_prepare_write (img);
-  if (r == 0)
-    r = trim_locked (img, offset, count);
-  if (r == 0)
-    r = q2_meta_index_refresh (img);
-  if (r == 0 && fua)
-    r = q2_flush_locked (img);
-  pthread_rwlock_unlock (&img->io_lock);
-  return r;
+  return zero_or_trim (img, count, offset, true, true, false, fua);
 }

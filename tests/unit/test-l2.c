@@ -25,16 +25,7 @@ img_setup (struct q2_image *img, uint32_t cluster_bits, uint64_t incompat)
   h->refcount_order = 4;
   h->header_length = 112;
   h->incompatible_features = incompat;
-  img->cluster_bits = h->cluster_bits;
-  img->cluster_size = 1ULL << h->cluster_bits;
-  img->extended_l2 = !!(h->incompatible_features & QCOW2_INCOMPAT_EXTL2);
-  img->l2_entry_size = img->extended_l2 ? 16 : 8;
-  img->l2_bits = h->cluster_bits - (img->extended_l2 ? 4 : 3);
-  img->subcluster_bits = h->cluster_bits - 5;
-  img->csize_shift = 62 - (h->cluster_bits - 8);
-  img->csize_mask = (1ULL << (h->cluster_bits - 8)) - 1;
-  img->coffset_mask = (1ULL << img->csize_shift) - 1;
-  img->refcount_bits = 1u << h->refcount_order;
+  q2_set_geometry (img);
   img->fd = img->data_fd = -1;
 }
 
