@@ -67,6 +67,10 @@ int q2_io_pwrite (int fd, const void *buf, size_t count, uint64_t offset,
                   const char *what);
 int q2_io_file_size (int fd, uint64_t *size);
 struct iovec;
+/* Moves count bytes from a pipe to fd at offset: 1 done, 0 when the
+ * file system cannot splice (nothing was written), or -errno. */
+int q2_io_splice_out (int pipe_fd, int fd, uint64_t count, uint64_t offset,
+                      const char *what);
 int q2_io_pwritev (int fd, const struct iovec *iov, int n, uint64_t offset,
                    const char *what);
 int q2_io_sync (int fd, const char *what);
@@ -287,6 +291,11 @@ struct q2_image {
   pthread_cond_t inflight_cond;
   uint64_t *inflight;
   size_t nb_inflight, cap_inflight;
+  /* Held around writing a newly allocated cluster.  Buffered writes to
+   * one file serialize on its inode lock in the kernel anyway; waiting
+   * here sleeps instead of spinning on that lock while another thread
+   * copies a whole cluster under it. */
+  pthread_mutex_t fill_lock;
 
   /* Encryption (crypt_method 1 or 2); NULL when not encrypted. */
   struct q2_crypto *crypto;
@@ -410,10 +419,28 @@ uint8_t *q2_scratch (unsigned slot, size_t len);
 void *q2_scratch_zstd_dctx (void);
 /* This thread's raw-deflate z_stream, reset; NULL if out of memory. */
 void *q2_scratch_inflate (void);
+/* This thread's non-blocking pipe, empty, holding at least bytes
+ * (fds[0] reads, fds[1] writes); -1 if none can be had. */
+int q2_scratch_pipe (size_t bytes, int fds[2]);
+/* Closes this thread's pipe (its content is unknown after an error). */
+void q2_scratch_pipe_discard (void);
+
+/* ---- cowsplice.c ---- */
+/* Writes [ra, rb) of new host cluster host for guest cluster gc: the
+ * layer below's data around the guest data [a, b), spliced without a
+ * bounce buffer.  1: written; 0: not possible here, nothing written;
+ * or -errno. */
+int q2_cow_splice (struct q2_image *img, const uint8_t *data, uint64_t gc,
+                   uint64_t ra, uint64_t a, uint64_t b, uint64_t rb,
+                   uint64_t host);
 
 /* ---- read.c ---- */
 int q2_layer_pread (struct q2_image *img, uint8_t *buf, uint64_t count,
                     uint64_t offset);
+/* What an unallocated range of img reads: its backing file's data, or
+ * zeros.  Uses none of img's own metadata, so needs no io_lock. */
+int q2_read_below (struct q2_image *img, uint8_t *buf, uint64_t count,
+                   uint64_t offset);
 
 /* ---- alloc.c: refcounts and cluster allocation (io_lock exclusive) ---- */
 int q2_refcount_update (struct q2_image *img, uint64_t cluster_index,

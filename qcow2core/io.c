@@ -1,6 +1,7 @@
 /* Whole-buffer file I/O: loops over short transfers and names what was
  * being read or written in the error message. */
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <pthread.h>
 #include <sys/stat.h>
@@ -123,6 +124,34 @@ q2_io_pwritev (int fd, const struct iovec *iov, int n, uint64_t offset,
     offset += iov[i].iov_len;
   }
   return 0;
+}
+
+int
+q2_io_splice_out (int pipe_fd, int fd, uint64_t count, uint64_t offset,
+                  const char *what)
+{
+  loff_t o = offset;
+  uint64_t done = 0;
+
+  if (fault (false))
+    return q2_err (EIO, "%s: injected write failure at offset %#llx", what,
+                   (unsigned long long) offset);
+  while (done < count) {
+    ssize_t r = splice (pipe_fd, NULL, fd, &o, count - done,
+                        SPLICE_F_NONBLOCK);
+    if (r == -1 && errno == EINTR)
+      continue;
+    if (r == -1 && done == 0 && errno == EINVAL)
+      return 0;                 /* this file system cannot splice */
+    if (r <= 0) {
+      int e = r == 0 ? EIO : errno;
+      return q2_err (e, "%s: write at offset %#llx: %s", what,
+                     (unsigned long long) (offset + done),
+                     r == 0 ? "short splice" : strerror (e));
+    }
+    done += r;
+  }
+  return 1;
 }
 
 int

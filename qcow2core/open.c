@@ -353,6 +353,7 @@ q2_open_layer (const char *path, const char *format,
   img->locking = opts->locking;
   pthread_mutex_init (&img->lock, NULL);
   pthread_mutex_init (&img->inflight_lock, NULL);
+  pthread_mutex_init (&img->fill_lock, NULL);
   pthread_cond_init (&img->inflight_cond, NULL);
   {
     /* Readers never hold the lock for long, but a steady stream of them
@@ -370,6 +371,7 @@ q2_open_layer (const char *path, const char *format,
     int e = errno;
     pthread_mutex_destroy (&img->lock);
     pthread_mutex_destroy (&img->inflight_lock);
+    pthread_mutex_destroy (&img->fill_lock);
     pthread_cond_destroy (&img->inflight_cond);
     pthread_rwlock_destroy (&img->io_lock);
     free (img);
@@ -466,6 +468,7 @@ q2_free_layer (struct q2_image *img)
   free (img->meta_index);
   free (img->inflight);
   pthread_mutex_destroy (&img->inflight_lock);
+  pthread_mutex_destroy (&img->fill_lock);
   pthread_cond_destroy (&img->inflight_cond);
   q2_crypto_free (img->crypto);
   pthread_mutex_destroy (&img->lock);

@@ -10,9 +10,9 @@
 #include "internal.h"
 
 /* Unallocated ranges read from the backing file, and as zeros past its
- * end or without one. */
-static int
-read_below (struct q2_image *img, uint8_t *buf, uint64_t count,
+ * end or without one.  Touches nothing of img but its backing pointer. */
+int
+q2_read_below (struct q2_image *img, uint8_t *buf, uint64_t count,
             uint64_t offset)
 {
   struct q2_image *b = img->backing;
@@ -118,7 +118,7 @@ q2_layer_pread (struct q2_image *img, uint8_t *buf, uint64_t count,
     if (r < 0)
       return r;
     switch (m.type) {
-    case Q2_UNALLOC: r = read_below (img, buf, m.length, offset); break;
+    case Q2_UNALLOC: r = q2_read_below (img, buf, m.length, offset); break;
     case Q2_ZERO: memset (buf, 0, m.length); break;
     case Q2_NORMAL: r = read_normal (img, &m, buf, m.length, offset); break;
     case Q2_COMPRESSED:

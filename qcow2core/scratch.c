@@ -2,6 +2,9 @@
  * across requests instead of allocated per request, and released when
  * the thread exits. */
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <unistd.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <zlib.h>
@@ -14,6 +17,8 @@ struct scratch {
   size_t len[Q2_SCRATCH_SLOTS];
   ZSTD_DCtx *zstd;
   z_stream *zlib;               /* raw inflate, reset for each cluster */
+  int pipe[2];                  /* -1 when none; see q2_scratch_pipe */
+  size_t pipe_size;
 };
 
 static pthread_key_t key;
@@ -31,6 +36,10 @@ destroy (void *p)
   if (s->zlib) {
     inflateEnd (s->zlib);
     free (s->zlib);
+  }
+  if (s->pipe[0] >= 0) {
+    close (s->pipe[0]);
+    close (s->pipe[1]);
   }
   free (s);
 }
@@ -50,6 +59,8 @@ get (void)
   s = pthread_getspecific (key);
   if (s == NULL) {
     s = calloc (1, sizeof *s);
+    if (s)
+      s->pipe[0] = s->pipe[1] = -1;
     if (s && pthread_setspecific (key, s) != 0) {
       free (s);
       s = NULL;
@@ -106,4 +117,44 @@ q2_scratch_inflate (void)
   else if (inflateReset (s->zlib) != Z_OK)
     return NULL;
   return s->zlib;
+}
+
+void
+q2_scratch_pipe_discard (void)
+{
+  struct scratch *s = get ();
+
+  if (s && s->pipe[0] >= 0) {
+    close (s->pipe[0]);
+    close (s->pipe[1]);
+    s->pipe[0] = s->pipe[1] = -1;
+    s->pipe_size = 0;
+  }
+}
+
+int
+q2_scratch_pipe (size_t bytes, int fds[2])
+{
+  struct scratch *s = get ();
+  int r;
+
+  if (s == NULL)
+    return -1;
+  if (s->pipe[0] < 0) {
+    if (pipe2 (s->pipe, O_NONBLOCK | O_CLOEXEC) == -1) {
+      s->pipe[0] = s->pipe[1] = -1;
+      return -1;
+    }
+    s->pipe_size = fcntl (s->pipe[0], F_GETPIPE_SZ);
+  }
+  if (s->pipe_size < bytes) {
+    /* Unprivileged pipes stop at /proc/sys/fs/pipe-max-size. */
+    if (bytes > INT_MAX || (r = fcntl (s->pipe[0], F_SETPIPE_SZ,
+                                       (int) bytes)) == -1)
+      return -1;
+    s->pipe_size = r;
+  }
+  fds[0] = s->pipe[0];
+  fds[1] = s->pipe[1];
+  return 0;
 }

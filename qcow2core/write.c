@@ -161,26 +161,36 @@ q2_release_entry (struct q2_image *img, uint64_t entry)
   return 0;
 }
 
-/* Does the guest range read as zeros with nothing to copy from? */
+/* Where the copy-on-write part [off, off+len) of a guest cluster comes
+ * from: nothing (it reads as zeros), the layer below alone (unallocated
+ * in this image, so reading needs none of this image's metadata), or
+ * this image's current view. */
+enum cow_source { COW_NONE, COW_ZERO, COW_BELOW, COW_LAYER };
+
 static int
-reads_as_zero (struct q2_image *img, uint64_t offset, uint64_t len,
-               bool *zero)
+cow_source (struct q2_image *img, uint64_t off, uint64_t len,
+            enum cow_source *src)
 {
-  *zero = true;
+  bool zero = true, below = true;
+
+  *src = COW_NONE;
+  if (len == 0)
+    return 0;
   while (len > 0) {
     struct q2_map m;
-    int r = q2_map (img, offset, len, &m);
+    int r = q2_map (img, off, len, &m);
     if (r < 0)
       return r;
+    if (m.type != Q2_UNALLOC)
+      below = false;
     if (m.type == Q2_NORMAL || m.type == Q2_COMPRESSED ||
         (m.type == Q2_UNALLOC && img->backing &&
-         offset < img->backing->virtual_size)) {
-      *zero = false;
-      return 0;
-    }
-    offset += m.length;
+         off < img->backing->virtual_size))
+      zero = false;
+    off += m.length;
     len -= m.length;
   }
+  *src = zero ? COW_ZERO : below ? COW_BELOW : COW_LAYER;
   return 0;
 }
 
@@ -205,25 +215,21 @@ q2_zero_host (struct q2_image *img, int fd, uint64_t offset, uint64_t len)
   return 0;
 }
 
-/* Copy-on-write source for [off, off+len) of the guest: either read it
- * into buf, or, when it reads as zeros, zero the host range instead
- * (nothing at all when the host cluster is fresh). */
+/* Fills buf with the copy-on-write part [off, off+len) of the guest,
+ * or, when it reads as zeros, zeroes the host range instead (nothing at
+ * all when the host cluster is fresh). */
 static int
-prepare_cow (struct q2_image *img, uint64_t guest_off, uint64_t len,
-             uint8_t *buf, uint64_t host_off, bool fresh, bool *use_buf)
+prepare_cow (struct q2_image *img, enum cow_source src, uint64_t guest_off,
+             uint64_t len, uint8_t *buf, uint64_t host_off, bool fresh)
 {
-  bool zero;
-  int r;
-
-  *use_buf = false;
-  if (len == 0)
-    return 0;
-  if ((r = reads_as_zero (img, guest_off, len, &zero)) < 0)
-    return r;
-  if (zero)
+  switch (src) {
+  case COW_NONE: return 0;
+  case COW_ZERO:
     return fresh ? 0 : q2_zero_host (img, img->data_fd, host_off, len);
-  *use_buf = true;
-  return q2_layer_pread (img, buf, len, guest_off);
+  case COW_BELOW: return q2_read_below (img, buf, len, guest_off);
+  case COW_LAYER: return q2_layer_pread (img, buf, len, guest_off);
+  }
+  return q2_err (EINVAL, "copy-on-write source %d", (int) src);
 }
 
 /* Encrypted images: the plaintext of [ra, rb) is assembled in buf (the
@@ -259,6 +265,7 @@ struct cluster_write {
   uint64_t l2, host, ra, rb;    /* host bytes [ra, rb) get written */
   uint64_t old_entry, new_bitmap;
   bool new_cluster, fresh, release_old;
+  enum cow_source head, tail;   /* of [ra, a) and [b, rb) */
 };
 
 /* Decides where [a, b) of guest cluster gc goes and allocates a new host
@@ -332,6 +339,9 @@ plan_write (struct q2_image *img, uint64_t gc, uint64_t a, uint64_t b,
     w->ra = Q2_ROUND_DOWN (w->ra, 512);
     w->rb = Q2_MIN (Q2_ROUND_UP (w->rb, 512), cs);
   }
+  else if ((r = cow_source (img, gc + w->ra, a - w->ra, &w->head)) < 0 ||
+           (r = cow_source (img, gc + b, w->rb - b, &w->tail)) < 0)
+    return r;
   return q2_check_overlap (img, w->host + w->ra, w->rb - w->ra, "guest data",
                            has_data_file (img) ? 0 : Q2_OVERLAP_ALL);
 }
@@ -353,21 +363,31 @@ fill_write (struct q2_image *img, const uint8_t *data,
     return q2_err (ENOMEM, "out of memory for copy-on-write");
   if (img->crypto)
     return write_encrypted (img, data, w->gc, host, ra, a, b, rb, head);
-  r = prepare_cow (img, w->gc + ra, a - ra, head, host + ra, w->fresh,
-                   &head_buf);
+  if ((w->head == COW_BELOW || w->tail == COW_BELOW) &&
+      (w->head == COW_BELOW || w->head == COW_NONE) &&
+      (w->tail == COW_BELOW || w->tail == COW_NONE) &&
+      (r = q2_cow_splice (img, data, w->gc, ra, a, b, rb, host)) != 0)
+    return r < 0 ? r : 0;
+  r = prepare_cow (img, w->head, w->gc + ra, a - ra, head, host + ra,
+                   w->fresh);
   if (r == 0)
-    r = prepare_cow (img, w->gc + b, rb - b, tail, host + b, w->fresh,
-                     &tail_buf);
+    r = prepare_cow (img, w->tail, w->gc + b, rb - b, tail, host + b,
+                     w->fresh);
   if (r < 0)
     return r;
+  head_buf = w->head == COW_BELOW || w->head == COW_LAYER;
+  tail_buf = w->tail == COW_BELOW || w->tail == COW_LAYER;
   /* Head, data and tail in one write where they are contiguous. */
   if (head_buf)
     iov[n++] = (struct iovec) { head, a - ra };
   iov[n++] = (struct iovec) { (void *) data, b - a };
   if (tail_buf)
     iov[n++] = (struct iovec) { tail, rb - b };
-  return q2_io_pwritev (img->data_fd, iov, n, host + (head_buf ? ra : a),
-                       "guest data");
+  pthread_mutex_lock (&img->fill_lock);
+  r = q2_io_pwritev (img->data_fd, iov, n, host + (head_buf ? ra : a),
+                     "guest data");
+  pthread_mutex_unlock (&img->fill_lock);
+  return r;
 }
 
 /* Points the L2 entry at the written cluster.  Exclusive lock. */
@@ -476,28 +496,26 @@ q2_wait_no_inflight_locked (struct q2_image *img)
  * compressed or shared cluster)?  Only then is it worth leaving the
  * exclusive lock for. */
 static bool
-cow_reads_data (struct q2_image *img, const struct cluster_write *w)
+cow_reads_data (const struct cluster_write *w)
 {
-  bool zero_head = true, zero_tail = true;
-
-  if (w->a > w->ra &&
-      reads_as_zero (img, w->gc + w->ra, w->a - w->ra, &zero_head) < 0)
-    return true;
-  if (w->rb > w->b &&
-      reads_as_zero (img, w->gc + w->b, w->rb - w->b, &zero_tail) < 0)
-    return true;
-  return !zero_head || !zero_tail;
+  return w->head == COW_BELOW || w->head == COW_LAYER ||
+    w->tail == COW_BELOW || w->tail == COW_LAYER;
 }
 
-/* Writes one guest cluster, copying and writing a new cluster's data
- * under the shared lock so that several such writes (copy-on-write
- * from a backing file, say) run in parallel.  The cluster is marked in
- * flight meanwhile: other writes, zeroes and trims of it wait. */
+/* Writes one guest cluster.  A new cluster whose copy-on-write reads
+ * data is filled outside the exclusive lock, so that several such
+ * writes (copy-on-write from a backing file, say) run in parallel: with
+ * no lock at all when the data comes only from the layer below (which is
+ * read-only), else under the shared lock.  The cluster is marked in
+ * flight meanwhile: other writes, zeroes and trims of it, and snapshot
+ * operations, wait.  The new host cluster is allocated but not yet
+ * linked, so nothing else can see or free it. */
 static int
 write_cluster_parallel (struct q2_image *img, const uint8_t *data,
                         uint64_t gc, uint64_t a, uint64_t b)
 {
   struct cluster_write w;
+  bool shared;
   int r, r2;
 
   for (;;) {
@@ -510,12 +528,14 @@ write_cluster_parallel (struct q2_image *img, const uint8_t *data,
   r = q2_prepare_write (img);
   if (r == 0)
     r = plan_write (img, gc, a, b, &w);
-  if (r < 0 || !w.new_cluster || img->crypto || !cow_reads_data (img, &w)) {
+  if (r < 0 || !w.new_cluster || img->crypto || !cow_reads_data (&w)) {
     /* Nothing to gain outside the lock: finish here. */
     if (r == 0)
       r = fill_write (img, data, &w);
     if (r == 0)
       r = link_write (img, &w);
+    if (r == 0)
+      r = q2_meta_index_refresh (img);
     pthread_rwlock_unlock (&img->io_lock);
     return r;
   }
@@ -526,15 +546,20 @@ write_cluster_parallel (struct q2_image *img, const uint8_t *data,
   }
   pthread_rwlock_unlock (&img->io_lock);
 
-  pthread_rwlock_rdlock (&img->io_lock);
+  shared = w.head == COW_LAYER || w.tail == COW_LAYER;
+  if (shared)
+    pthread_rwlock_rdlock (&img->io_lock);
   r = fill_write (img, data, &w);
-  pthread_rwlock_unlock (&img->io_lock);
+  if (shared)
+    pthread_rwlock_unlock (&img->io_lock);
 
   pthread_rwlock_wrlock (&img->io_lock);
   if (r == 0)
     r = link_write (img, &w);
   else if ((r2 = q2_free_later (img, w.host, img->cluster_size)) < 0)
     r = r2;                     /* the unused cluster is only leaked */
+  if (r == 0)
+    r = q2_meta_index_refresh (img);
   inflight_remove (img, gc);
   pthread_rwlock_unlock (&img->io_lock);
   return r;
@@ -627,11 +652,16 @@ q2_pwrite (struct q2_image *img, const void *buf, uint64_t count,
 
   if ((r = check_range (img, count, offset, "write")) < 0)
     return r;
-  pthread_rwlock_rdlock (&img->io_lock);
-  r = write_in_place (img, buf, count, offset, &done);
-  pthread_rwlock_unlock (&img->io_lock);
-  if (r < 0)
-    return r;
+  /* A busy lock means metadata writers are queued (the lock prefers
+   * them): then do the whole write on the exclusive path, which handles
+   * in-place clusters too, rather than queue twice. */
+  done = 0;
+  if (pthread_rwlock_tryrdlock (&img->io_lock) == 0) {
+    r = write_in_place (img, buf, count, offset, &done);
+    pthread_rwlock_unlock (&img->io_lock);
+    if (r < 0)
+      return r;
+  }
   if (done < count) {
     const uint8_t *p = (const uint8_t *) buf + done;
     uint64_t cs = img->cluster_size;
@@ -645,11 +675,6 @@ q2_pwrite (struct q2_image *img, const void *buf, uint64_t count,
       offset += n;
       count -= n;
     }
-    /* Leave the overlap index fresh for the shared-lock path. */
-    pthread_rwlock_wrlock (&img->io_lock);
-    if (r == 0)
-      r = q2_meta_index_refresh (img);
-    pthread_rwlock_unlock (&img->io_lock);
     if (r < 0)
       return r;
   }

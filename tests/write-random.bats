@@ -220,6 +220,27 @@ with open(sys.argv[1], "wb") as f:
     run_matrix "$img" $((64 << 20)) 65536 101 102
 }
 
+@test "random writes: 64k overlay over 4k clusters (compressed, zero, unallocated) over a shorter raw base" {
+    # Copy-on-write pieces come from several layers: raw data, 4k normal,
+    # compressed and zero clusters, and zeros past the end of the 48 MiB
+    # raw base and of the 56 MiB middle image.
+    local raw="$BATS_TEST_TMPDIR/bottom.raw" mid="$BATS_TEST_TMPDIR/mid.qcow2"
+    /usr/bin/python3 -c '
+import random, sys
+r = random.Random(7)
+with open(sys.argv[1], "wb") as f:
+    for i in range(48 * 16):
+        f.write(bytes([r.randrange(1, 256)]) * 65536)
+' "$raw"
+    qemu-img create -q -f qcow2 -o cluster_size=4096 -b "$raw" -F raw "$mid" 56M
+    qemu-io -f qcow2 -c 'write -c -P 0xc1 0 1M' -c 'write -P 0xc2 2M 1M' \
+        -c 'write -z 5M 1M' -c 'write -P 0xc3 20000 5000' \
+        -c 'write -c -P 0xc4 40M 256k' -c 'write -z 47M 2M' "$mid" >/dev/null
+    img="$BATS_TEST_TMPDIR/base.qcow2"
+    qemu-img create -q -f qcow2 -b "$mid" -F qcow2 "$img" 64M
+    run_matrix "$img" $((64 << 20)) 65536 131 132 133
+}
+
 @test "random writes: v2 overlay over a qcow2 base" {
     local base="$BATS_TEST_TMPDIR/backing.qcow2"
     qemu-img create -q -f qcow2 "$base" 64M
