@@ -353,21 +353,22 @@ fill_write (struct q2_image *img, const uint8_t *data,
             const struct cluster_write *w)
 {
   uint64_t a = w->a, b = w->b, ra = w->ra, rb = w->rb, host = w->host;
-  uint8_t *head = q2_scratch (Q2_SCRATCH_WRITE, img->cluster_size);
-  uint8_t *tail = q2_scratch (Q2_SCRATCH_COW_TAIL, img->cluster_size);
+  uint8_t *head, *tail;
   bool head_buf, tail_buf;
   struct iovec iov[3];
   int n = 0, r;
 
-  if (head == NULL || tail == NULL)
-    return q2_err (ENOMEM, "out of memory for copy-on-write");
-  if (img->crypto)
-    return write_encrypted (img, data, w->gc, host, ra, a, b, rb, head);
-  if ((w->head == COW_BELOW || w->tail == COW_BELOW) &&
+  if (!img->crypto && (w->head == COW_BELOW || w->tail == COW_BELOW) &&
       (w->head == COW_BELOW || w->head == COW_NONE) &&
       (w->tail == COW_BELOW || w->tail == COW_NONE) &&
       (r = q2_cow_splice (img, data, w->gc, ra, a, b, rb, host)) != 0)
     return r < 0 ? r : 0;
+  head = q2_scratch (Q2_SCRATCH_WRITE, img->cluster_size);
+  tail = q2_scratch (Q2_SCRATCH_COW_TAIL, img->cluster_size);
+  if (head == NULL || tail == NULL)
+    return q2_err (ENOMEM, "out of memory for copy-on-write");
+  if (img->crypto)
+    return write_encrypted (img, data, w->gc, host, ra, a, b, rb, head);
   r = prepare_cow (img, w->head, w->gc + ra, a - ra, head, host + ra,
                    w->fresh);
   if (r == 0)
