@@ -59,9 +59,17 @@ $(PLUGIN_SO): $(PLUGIN_OBJS) $(CORE_LIB) plugin/plugin.syms
 	  -Wl,--version-script=plugin/plugin.syms \
 	  -o $@ $(PLUGIN_OBJS) $(CORE_LIB) $(LIBS)
 
-$(BUILD)/unit/%: tests/unit/%.c $(CORE_LIB) $(wildcard tests/unit/*.h)
+# The unit tests link a copy of io.c with the fault-injection hooks,
+# which the plugin and the tool are built without; the library's io.o
+# is then never pulled in.
+FAULT_IO := $(BUILD)/unit/io-faults.o
+$(FAULT_IO): qcow2core/io.c $(wildcard qcow2core/*.h)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) -Iqcow2core $(CFLAGS) $(LDFLAGS) -o $@ $< $(CORE_LIB) $(LIBS)
+	$(CC) $(CPPFLAGS) -DQ2_FAULT_INJECTION $(CFLAGS) -c $< -o $@
+
+$(BUILD)/unit/%: tests/unit/%.c $(FAULT_IO) $(CORE_LIB) $(wildcard tests/unit/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) -Iqcow2core $(CFLAGS) $(LDFLAGS) -o $@ $< $(FAULT_IO) $(CORE_LIB) $(LIBS)
 
 # The image tool; tools/qcow2-tool points at the build like the plugin.
 TOOL_OBJS := $(patsubst tools/%.c,$(BUILD)/tools/%.o,$(wildcard tools/*.c))

@@ -74,8 +74,9 @@ int q2_io_splice_out (int pipe_fd, int fd, uint64_t count, uint64_t offset,
 int q2_io_pwritev (int fd, const struct iovec *iov, int n, uint64_t offset,
                    const char *what);
 int q2_io_sync (int fd, const char *what);
-/* Tests only: make the write_n-th write or the sync_n-th sync from now
- * fail with EIO (0 = never), and count them. */
+/* Unit tests only (io.c built with Q2_FAULT_INJECTION): make the
+ * write_n-th write or the sync_n-th sync from now fail with EIO (0 =
+ * never), and count them. */
 void q2_fault_arm (uint64_t write_n, uint64_t sync_n);
 void q2_fault_counts (uint64_t *writes, uint64_t *syncs);
 

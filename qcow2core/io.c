@@ -43,8 +43,9 @@ q2_io_pread (int fd, void *buf, size_t count, uint64_t offset,
   return 0;
 }
 
-/* Fault injection for tests: fail the N-th write or sync from now on
- * (0 = never).  Inert unless a test arms it. */
+#ifdef Q2_FAULT_INJECTION
+/* Fault injection, compiled only into the unit tests' copy of this
+ * file: fail the N-th write or sync from now on (0 = never). */
 static uint64_t fail_write_at, fail_sync_at;
 static uint64_t nr_writes, nr_syncs;
 static pthread_mutex_t fault_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -87,6 +88,9 @@ fault (bool sync)
   pthread_mutex_unlock (&fault_lock);
   return hit;
 }
+#else
+#define fault(sync) false
+#endif
 
 int
 q2_io_sync (int fd, const char *what)
