@@ -67,8 +67,8 @@ read_compressed (struct q2_image *img, const struct q2_map *m, uint8_t *buf,
 
 /* Reads and decrypts whole sectors around [host, host+count). */
 static int
-read_encrypted (struct q2_image *img, uint64_t host, uint8_t *buf,
-                uint64_t count, uint64_t offset)
+read_encrypted_chunk (struct q2_image *img, uint64_t host, uint8_t *buf,
+                      uint64_t count, uint64_t offset)
 {
   uint64_t skew = host & 511;
   uint64_t len = Q2_ROUND_UP (skew + count, 512);
@@ -87,6 +87,27 @@ read_encrypted (struct q2_image *img, uint64_t host, uint8_t *buf,
   if (r == 0 && b != buf)
     memcpy (buf, b + skew, count);
   return r;
+}
+
+/* Sector-aligned ranges decrypt in place; others go through a bounce
+ * buffer a cluster at a time, so that its size stays bounded. */
+static int
+read_encrypted (struct q2_image *img, uint64_t host, uint8_t *buf,
+                uint64_t count, uint64_t offset)
+{
+  if ((host & 511) == 0 && (count & 511) == 0)
+    return read_encrypted_chunk (img, host, buf, count, offset);
+  while (count > 0) {
+    uint64_t n = Q2_MIN (count, img->cluster_size - (host & 511));
+    int r = read_encrypted_chunk (img, host, buf, n, offset);
+    if (r < 0)
+      return r;
+    host += n;
+    buf += n;
+    offset += n;
+    count -= n;
+  }
+  return 0;
 }
 
 static int
