@@ -350,3 +350,47 @@ samecluster ()
 @test "(i) same fresh cluster from two connections: 2M clusters" {
     samecluster cluster_size=2M $((2 << 20)) 30
 }
+
+# zonestress OPTS ZONE [backing]: two connections, 16 requests in flight
+# each, writes/zeroes/trims/reads/flushes on zones of their own, checked
+# against a model as they go and by qemu-img compare afterwards.
+zonestress ()
+{
+    local opts="$1" zone="$2" backing="${3:-}"
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    local exp="$BATS_TEST_TMPDIR/exp.raw"
+    if [ -n "$backing" ]; then
+        local base="$BATS_TEST_TMPDIR/base.qcow2"
+        qemu-img create -q -f qcow2 -o cluster_size=4096 "$base" 64M
+        qio "$base" -c 'write -P 0x71 0 40M' -c 'write -c -P 0x72 40M 4M' \
+            -c 'write -z 44M 4M' -c 'write -P 0x73 50M 6M'
+        qemu-img create -q -f qcow2 -o "$opts" -b "$base" -F qcow2 "$img"
+    else
+        qemu-img create -q -f qcow2 -o "$opts" "$img" 64M
+        qio "$img" -c 'write -P 0x74 0 16M' -c 'write -P 0x75 32M 8M'
+    fi
+    qemu-img convert -O raw "$img" "$exp"
+    start_nbdkit "$PLUGIN" file="$img"
+    run /usr/bin/python3 "$TOOLS/zonestress.py" "$uri" "$exp" --seed 7 \
+        --conns 2 --depth 16 --zone "$zone" --ops 1500
+    [ "$status" -eq 0 ] || { echo "$output" >&3; false; }
+    stop_nbdkit
+    qcheck "$img"
+    run -0 qemu-img compare -f raw -F qcow2 "$exp" "$img"
+}
+
+@test "(j) zone stress: overlay over a backing file (copy-on-write)" {
+    zonestress compat=1.1 $((256 << 10)) backing
+}
+
+@test "(j) zone stress: extended_l2 overlay over a backing file" {
+    zonestress extended_l2=on $((256 << 10)) backing
+}
+
+@test "(j) zone stress: v2, 4k clusters, refcount blocks fill up" {
+    zonestress compat=0.10,cluster_size=4096 $((256 << 10))
+}
+
+@test "(j) zone stress: 2M clusters" {
+    zonestress cluster_size=2M $((4 << 20))
+}
