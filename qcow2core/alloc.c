@@ -16,6 +16,7 @@
 
 /* Past this many queued frees, flush early to bound memory. */
 #define MAX_PENDING_FREES (1u << 20)
+#define MAX_LEAKED_PAST_EOF 65536
 
 static uint32_t
 per_block_log (const struct q2_image *img)
@@ -29,7 +30,7 @@ q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
 {
   uint64_t cs = img->cluster_size;
   uint64_t max_cluster = (QCOW2_MAX_HOST_OFFSET + 1) / cs;
-  uint64_t c, start, run, first_free, end;
+  uint64_t c, start, run, first_free, end, leaked_past_eof = 0;
   int r;
 
  retry:
@@ -41,11 +42,16 @@ q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
       return q2_err (ENOSPC, "no free host cluster below the 64 PiB limit");
     if ((r = q2_refcount_get (img, c, &rc)) < 0)
       return r;
-    /* Past the end of the file nothing can be in use; a refcount there
-     * is corruption, and trusting it could make this scan endless. */
-    if (rc != 0 && (c << img->cluster_bits) >= img->file_size)
-      return q2_mark_corrupt (img, "cluster %llu past the end of the file "
-                              "has refcount %llu", (unsigned long long) c,
+    /* Past the end of the file nothing can be in use, but a crash
+     * (ours or QEMU's) between a refcount update and the write of the
+     * cluster leaves leaked refcounts there: skip them.  Masses of them
+     * mean a damaged refcount table, which could make this scan last
+     * for hours. */
+    if (rc != 0 && (c << img->cluster_bits) >= img->file_size &&
+        ++leaked_past_eof > MAX_LEAKED_PAST_EOF)
+      return q2_mark_corrupt (img, "more than %d clusters past the end of "
+                              "the file have a refcount (cluster %llu: %llu)",
+                              MAX_LEAKED_PAST_EOF, (unsigned long long) c,
                               (unsigned long long) rc);
     if (rc != 0) {
       run = 0;

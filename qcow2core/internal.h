@@ -273,6 +273,10 @@ struct q2_image {
   bool corrupt;                 /* set: refuse every further write */
   bool header_touched;          /* autoclear bits cleared already */
   bool l1_dirty, reftable_dirty;
+  /* An L2 entry was pointed at newly written data since the last sync:
+   * that data must be synced before an L2 table is written
+   * (q2_flush_refcounts). */
+  bool data_unsynced;
   uint64_t reftable_used;       /* 1 + highest non-zero reftable index */
   uint64_t free_hint;           /* no free cluster below this index */
   /* Refcount decrements wait until the L2/L1 changes that dropped the

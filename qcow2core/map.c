@@ -244,8 +244,10 @@ map_locked (struct q2_image *img, uint64_t offset, uint64_t max_len,
     if (first) {
       m->type = d.type;
       m->copied = d.copied;
+      /* With an external data file, guest cluster 0 lives at host
+       * offset 0: a normal cluster is allocated whatever its offset. */
       m->host_offset = d.type == Q2_COMPRESSED ? d.host_offset :
-        d.host_offset ? d.host_offset + in_cluster : 0;
+        d.type == Q2_NORMAL || d.host_offset ? d.host_offset + in_cluster : 0;
       m->csize = d.csize;
       m->length = unit_end - pos;
       first = false;

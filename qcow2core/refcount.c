@@ -372,8 +372,14 @@ q2_flush_refcounts (struct q2_image *img)
     img->reftable_dirty = false;
     wrote = true;
   }
-  /* Refcounts reach the disk before any L2 entry that needs them. */
-  return wrote ? q2_sync (img) : 0;
+  /* Refcounts, and the data of newly linked clusters (which may have
+   * been written after their refcounts were flushed), reach the disk
+   * before any L2 entry that needs them. */
+  if (!wrote && !img->data_unsynced)
+    return 0;
+  if ((r = q2_sync (img)) == 0)
+    img->data_unsynced = false;
+  return r;
 }
 
 int

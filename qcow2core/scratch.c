@@ -3,7 +3,6 @@
  * the thread exits. */
 #include <errno.h>
 #include <fcntl.h>
-#include <limits.h>
 #include <unistd.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -19,6 +18,7 @@ struct scratch {
   z_stream *zlib;               /* raw inflate, reset for each cluster */
   int pipe[2];                  /* -1 when none; see q2_scratch_pipe */
   size_t pipe_size;
+  size_t pipe_refused;          /* smallest size the kernel refused */
 };
 
 static pthread_key_t key;
@@ -132,6 +132,8 @@ q2_scratch_pipe_discard (void)
   }
 }
 
+#define PIPE_MAX (512 * 1024)
+
 int
 q2_scratch_pipe (size_t bytes, int fds[2])
 {
@@ -145,13 +147,19 @@ q2_scratch_pipe (size_t bytes, int fds[2])
       s->pipe[0] = s->pipe[1] = -1;
       return -1;
     }
-    s->pipe_size = fcntl (s->pipe[0], F_GETPIPE_SZ);
+    r = fcntl (s->pipe[0], F_GETPIPE_SZ);
+    s->pipe_size = r > 0 ? r : 0;
   }
   if (s->pipe_size < bytes) {
-    /* Unprivileged pipes stop at /proc/sys/fs/pipe-max-size. */
-    if (bytes > INT_MAX || (r = fcntl (s->pipe[0], F_SETPIPE_SZ,
-                                       (int) bytes)) == -1)
+    /* Unprivileged pipes stop at /proc/sys/fs/pipe-max-size (1 MiB by
+     * default), and all of a user's pipes share a page budget: keep
+     * them small, and do not ask again for a size once refused. */
+    if (bytes > PIPE_MAX || (s->pipe_refused && bytes >= s->pipe_refused))
       return -1;
+    if ((r = fcntl (s->pipe[0], F_SETPIPE_SZ, (int) bytes)) == -1) {
+      s->pipe_refused = bytes;
+      return -1;
+    }
     s->pipe_size = r;
   }
   fds[0] = s->pipe[0];

@@ -341,9 +341,15 @@ plan_write (struct q2_image *img, uint64_t gc, uint64_t a, uint64_t b,
   }
   else if ((r = cow_source (img, gc + w->ra, a - w->ra, &w->head)) < 0 ||
            (r = cow_source (img, gc + b, w->rb - b, &w->tail)) < 0)
-    return r;
-  return q2_check_overlap (img, w->host + w->ra, w->rb - w->ra, "guest data",
-                           has_data_file (img) ? 0 : Q2_OVERLAP_ALL);
+    goto fail;
+  r = q2_check_overlap (img, w->host + w->ra, w->rb - w->ra, "guest data",
+                        has_data_file (img) ? 0 : Q2_OVERLAP_ALL);
+  if (r == 0)
+    return 0;
+ fail:
+  if (w->new_cluster)
+    q2_free_later (img, w->host, cs);   /* if that fails, only a leak */
+  return r;
 }
 
 /* Writes the data and the copy-on-write edges to the host.  Needs only
@@ -400,6 +406,9 @@ link_write (struct q2_image *img, const struct cluster_write *w)
   /* An owned cluster may end past the old end of the file. */
   if (!has_data_file (img) && w->host + w->rb > img->file_size)
     img->file_size = w->host + w->rb;
+  /* The entry must not reach the disk before the data it now exposes
+   * (copy-on-write included): see q2_flush_refcounts. */
+  img->data_unsynced = true;
   r = q2_set_l2_entry (img, w->l2, w->gc, w->host | QCOW_OFLAG_COPIED,
                        w->new_bitmap);
   if (r == 0 && w->release_old)
@@ -510,10 +519,17 @@ cow_reads_data (const struct cluster_write *w)
  * read-only), else under the shared lock.  The cluster is marked in
  * flight meanwhile: other writes, zeroes and trims of it, and snapshot
  * operations, wait.  The new host cluster is allocated but not yet
- * linked, so nothing else can see or free it. */
+ * linked, so nothing else can see or free it.
+ *
+ * With may_defer, a write that turns out to go in place into a cluster
+ * we own is not done here: *deferred is set and the caller writes it
+ * under the shared lock, so that in-place writes never do I/O under the
+ * exclusive lock (which would keep it busy and starve allocating
+ * writes). */
 static int
 write_cluster_parallel (struct q2_image *img, const uint8_t *data,
-                        uint64_t gc, uint64_t a, uint64_t b)
+                        uint64_t gc, uint64_t a, uint64_t b, bool may_defer,
+                        bool *deferred)
 {
   struct cluster_write w;
   bool shared;
@@ -529,10 +545,22 @@ write_cluster_parallel (struct q2_image *img, const uint8_t *data,
   r = q2_prepare_write (img);
   if (r == 0)
     r = plan_write (img, gc, a, b, &w);
-  if (r < 0 || !w.new_cluster || img->crypto || !cow_reads_data (&w)) {
+  *deferred = false;
+  if (r < 0) {
+    pthread_rwlock_unlock (&img->io_lock);
+    return r;
+  }
+  if (may_defer && !w.new_cluster && !img->crypto && w.ra == a &&
+      w.rb == b && w.head == COW_NONE && w.tail == COW_NONE) {
+    *deferred = true;
+    pthread_rwlock_unlock (&img->io_lock);
+    return 0;
+  }
+  if (!w.new_cluster || img->crypto || !cow_reads_data (&w)) {
     /* Nothing to gain outside the lock: finish here. */
-    if (r == 0)
-      r = fill_write (img, data, &w);
+    r = fill_write (img, data, &w);
+    if (r < 0 && w.new_cluster)
+      q2_free_later (img, w.host, img->cluster_size);
     if (r == 0)
       r = link_write (img, &w);
     if (r == 0)
@@ -540,6 +568,10 @@ write_cluster_parallel (struct q2_image *img, const uint8_t *data,
     pthread_rwlock_unlock (&img->io_lock);
     return r;
   }
+  /* Once the lock is dropped, a flush or a cache eviction may write the
+   * new cluster's refcount before the fill writes the cluster: a crash
+   * then leaves a leaked cluster, possibly past the end of the file
+   * (see q2_alloc_clusters). */
   if ((r = inflight_add (img, gc)) < 0) {
     q2_free_later (img, w.host, img->cluster_size);
     pthread_rwlock_unlock (&img->io_lock);
@@ -668,10 +700,25 @@ q2_pwrite (struct q2_image *img, const void *buf, uint64_t count,
     uint64_t cs = img->cluster_size;
     count -= done;
     offset += done;
+    bool may_defer = true, deferred;
     while (r == 0 && count > 0) {
       uint64_t gc = Q2_ROUND_DOWN (offset, cs);
       uint64_t n = Q2_MIN (count, cs - (offset - gc));
-      r = write_cluster_parallel (img, p, gc, offset - gc, offset - gc + n);
+      r = write_cluster_parallel (img, p, gc, offset - gc, offset - gc + n,
+                                  may_defer, &deferred);
+      if (r == 0 && deferred) {
+        /* In place after all.  If the cluster changed meanwhile, the
+         * rest goes through the exclusive path, this time to the end. */
+        pthread_rwlock_rdlock (&img->io_lock);
+        r = write_in_place (img, p, n, offset, &done);
+        pthread_rwlock_unlock (&img->io_lock);
+        if (r == 0 && done < n) {
+          n = done;
+          may_defer = false;
+        }
+      }
+      else
+        may_defer = true;
       p += n;
       offset += n;
       count -= n;
