@@ -25,6 +25,17 @@ static pthread_key_t key;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 static void
+close_pipe (struct scratch *s)
+{
+  if (s->pipe[0] >= 0) {
+    close (s->pipe[0]);
+    close (s->pipe[1]);
+    s->pipe[0] = s->pipe[1] = -1;
+    s->pipe_size = 0;
+  }
+}
+
+static void
 destroy (void *p)
 {
   struct scratch *s = p;
@@ -37,10 +48,7 @@ destroy (void *p)
     inflateEnd (s->zlib);
     free (s->zlib);
   }
-  if (s->pipe[0] >= 0) {
-    close (s->pipe[0]);
-    close (s->pipe[1]);
-  }
+  close_pipe (s);
   free (s);
 }
 
@@ -124,12 +132,8 @@ q2_scratch_pipe_discard (void)
 {
   struct scratch *s = get ();
 
-  if (s && s->pipe[0] >= 0) {
-    close (s->pipe[0]);
-    close (s->pipe[1]);
-    s->pipe[0] = s->pipe[1] = -1;
-    s->pipe_size = 0;
-  }
+  if (s)
+    close_pipe (s);
 }
 
 #define PIPE_MAX (512 * 1024)

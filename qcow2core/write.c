@@ -268,6 +268,16 @@ struct cluster_write {
   enum cow_source head, tail;   /* of [ra, a) and [b, rb) */
 };
 
+/* Does every copied edge come from the layer below (which cowsplice.c
+ * can splice), and is there one? */
+static bool
+cow_spliceable (const struct cluster_write *w)
+{
+  return (w->head == COW_BELOW || w->tail == COW_BELOW) &&
+    (w->head == COW_BELOW || w->head == COW_NONE) &&
+    (w->tail == COW_BELOW || w->tail == COW_NONE);
+}
+
 /* Decides where [a, b) of guest cluster gc goes and allocates a new host
  * cluster if needed.  Caller holds io_lock exclusively. */
 static int
@@ -364,9 +374,7 @@ fill_write (struct q2_image *img, const uint8_t *data,
   struct iovec iov[3];
   int n = 0, r;
 
-  if (!img->crypto && (w->head == COW_BELOW || w->tail == COW_BELOW) &&
-      (w->head == COW_BELOW || w->head == COW_NONE) &&
-      (w->tail == COW_BELOW || w->tail == COW_NONE) &&
+  if (!img->crypto && cow_spliceable (w) &&
       (r = q2_cow_splice (img, data, w->gc, ra, a, b, rb, host)) != 0)
     return r < 0 ? r : 0;
   head = q2_scratch (Q2_SCRATCH_WRITE, img->cluster_size);
