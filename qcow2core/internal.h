@@ -488,7 +488,8 @@ int q2_write_locked (struct q2_image *img, const uint8_t *buf,
 /* Called with io_lock exclusive: returns (still holding it) once no
  * cluster is being written outside the lock. */
 void q2_wait_no_inflight_locked (struct q2_image *img);
-/* A cluster of zeros (allocated on first use; never written to). */
+/* A cluster of zeros, allocated on first use and never written to.
+ * Callers hold io_lock exclusively, which makes the lazy allocation safe. */
 const uint8_t *q2_zero_buffer (struct q2_image *img);
 
 /* ---- meta.c: header updates, corruption, overlap checks, flush ---- */
