@@ -419,8 +419,11 @@ enum {
   Q2_SCRATCH_SLOTS
 };
 /* A buffer of at least len bytes for this thread; NULL if out of memory.
- * Each slot is independent and valid until the next call for it. */
+ * Each slot is independent and valid until the next call for it or to
+ * q2_scratch_trim. */
 uint8_t *q2_scratch (unsigned slot, size_t len);
+/* Releases this thread's large buffers: called when a request is done. */
+void q2_scratch_trim (void);
 void *q2_scratch_zstd_dctx (void);
 /* This thread's raw-deflate z_stream, reset; NULL if out of memory. */
 void *q2_scratch_inflate (void);

@@ -168,6 +168,7 @@ q2_pread (struct q2_image *img, void *buf, uint64_t count, uint64_t offset)
   pthread_rwlock_rdlock (&img->io_lock);
   r = q2_layer_pread (img, buf, count, offset);
   pthread_rwlock_unlock (&img->io_lock);
+  q2_scratch_trim ();
   return r;
 }
 

@@ -5,7 +5,9 @@
 #include <fcntl.h>
 #include <unistd.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <zlib.h>
 #include <zstd.h>
 
@@ -35,6 +37,65 @@ close_pipe (struct scratch *s)
   }
 }
 
+/* Buffers up to this size stay with their thread.  Bigger ones (images
+ * with large clusters) are lent for one request: q2_scratch_trim gives
+ * them back to a small process-wide pool, so that memory is bounded by
+ * the requests in flight plus the pool, not by the number of threads. */
+#define KEEP_MAX (256 * 1024)
+#define POOL_MAX 4
+
+static struct { void *p; size_t len; } pool[POOL_MAX];
+static unsigned pool_n;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void *
+large_get (size_t len)
+{
+  void *p = NULL;
+  unsigned i;
+
+  pthread_mutex_lock (&pool_lock);
+  for (i = 0; i < pool_n; i++)
+    if (pool[i].len == len) {
+      p = pool[i].p;
+      pool[i] = pool[--pool_n];
+      break;
+    }
+  pthread_mutex_unlock (&pool_lock);
+  if (p == NULL) {
+    p = mmap (NULL, len, PROT_READ | PROT_WRITE,
+              MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+      p = NULL;
+  }
+  return p;
+}
+
+static void
+large_put (void *p, size_t len)
+{
+  pthread_mutex_lock (&pool_lock);
+  if (pool_n < POOL_MAX) {
+    pool[pool_n].p = p;
+    pool[pool_n++].len = len;
+    p = NULL;
+  }
+  pthread_mutex_unlock (&pool_lock);
+  if (p)
+    munmap (p, len);
+}
+
+static void
+free_slot (struct scratch *s, unsigned slot)
+{
+  if (s->len[slot] > KEEP_MAX)
+    large_put (s->buf[slot], s->len[slot]);
+  else
+    free (s->buf[slot]);
+  s->buf[slot] = NULL;
+  s->len[slot] = 0;
+}
+
 static void
 destroy (void *p)
 {
@@ -42,7 +103,7 @@ destroy (void *p)
   int i;
 
   for (i = 0; i < Q2_SCRATCH_SLOTS; i++)
-    free (s->buf[i]);
+    free_slot (s, i);
   ZSTD_freeDCtx (s->zstd);
   if (s->zlib) {
     inflateEnd (s->zlib);
@@ -81,17 +142,43 @@ uint8_t *
 q2_scratch (unsigned slot, size_t len)
 {
   struct scratch *s = get ();
+  void *p;
 
   if (s == NULL || slot >= Q2_SCRATCH_SLOTS)
     return NULL;
   if (s->len[slot] < len) {
-    uint8_t *p = realloc (s->buf[slot], len);
+    free_slot (s, slot);
+    if (len > KEEP_MAX) {
+      /* Powers of two, so that pooled buffers fit the next request. */
+      size_t l = KEEP_MAX;
+      while (l < len && l <= SIZE_MAX / 2)
+        l *= 2;
+      len = l < len ? len : l;
+      p = large_get (len);
+    }
+    else
+      p = malloc (len);
     if (p == NULL)
       return NULL;
     s->buf[slot] = p;
     s->len[slot] = len;
   }
   return s->buf[slot];
+}
+
+void
+q2_scratch_trim (void)
+{
+  struct scratch *s;
+  unsigned i;
+
+  pthread_once (&once, make_key);
+  s = pthread_getspecific (key);
+  if (s == NULL)
+    return;
+  for (i = 0; i < Q2_SCRATCH_SLOTS; i++)
+    if (s->len[i] > KEEP_MAX)
+      free_slot (s, i);
 }
 
 void *

@@ -731,6 +731,7 @@ q2_pwrite (struct q2_image *img, const void *buf, uint64_t count,
       offset += n;
       count -= n;
     }
+    q2_scratch_trim ();
     if (r < 0)
       return r;
   }

@@ -252,6 +252,7 @@ zero_or_trim (struct q2_image *img, uint64_t count, uint64_t offset,
   if (r == 0 && fua)
     r = q2_flush_locked (img);
   pthread_rwlock_unlock (&img->io_lock);
+  q2_scratch_trim ();
   return r;
 }
 

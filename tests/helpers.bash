@@ -39,15 +39,19 @@ timeout_nbdkit ()
 }
 
 # start_nbdkit ARGS...: daemonized nbdkit (background mode, so it chdirs
-# to /) on a unix socket; sets $sock $pidfile $uri $nbdkit_log.
+# to /) on a unix socket; sets $sock $pidfile $uri $nbdkit_log.  With
+# Q2_QUIET=1, without -v: debug logging slows requests down enough that
+# fewer of them overlap.
 start_nbdkit ()
 {
+    local verbose=-v
+    [ "${Q2_QUIET:-}" != 1 ] || verbose=
     sock="$(mktemp -u /tmp/q2test-sock.XXXXXX)"
     pidfile="$BATS_TEST_TMPDIR/nbdkit.pid"
     nbdkit_log="$BATS_TEST_TMPDIR/nbdkit.log"
     uri="nbd+unix:///?socket=$sock"
     rm -f "$pidfile"
-    nbdkit -v --log=stderr -D nbdkit.backend.datapath=0 -U "$sock" \
+    nbdkit $verbose --log=stderr -D nbdkit.backend.datapath=0 -U "$sock" \
         -P "$pidfile" "$@" 2>"$nbdkit_log" 3>&- ||
         { cat "$nbdkit_log" >&3; return 1; }
     for _ in $(seq 1 200); do
