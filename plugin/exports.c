@@ -51,13 +51,22 @@ exports_image_for (const char *name, bool *readonly)
   struct q2_image *v;
   int i;
 
-  if (name[0] == '\0')
+  /* snapshot= replaces the active image as the default export, found
+   * the way QEMU finds it (ID first).  Other export names are untrusted
+   * and must be exactly what exports_list advertised: a snapshot's
+   * name, or its ID. */
+  if (name[0] == '\0' && snapshot == NULL)
     return image;
-  /* Export names are untrusted: only exact snapshot names or IDs. */
-  i = q2_snapshot_find (image, name);
+  i = name[0] == '\0' ? q2_snapshot_find (image, snapshot) :
+    q2_snapshot_find_name (image, name);
   if (i < 0) {
-    nbdkit_error ("export '%.64s' is neither the active image (\"\") nor a "
-                  "snapshot", name);
+    if (snapshot)
+      nbdkit_error ("export '%.64s' is not a snapshot (with snapshot=, "
+                    "\"\" is snapshot %s and the active image is not "
+                    "exported)", name, snapshot);
+    else
+      nbdkit_error ("export '%.64s' is neither the active image (\"\") "
+                    "nor a snapshot", name);
     nbdkit_set_error (ENOENT);
     return NULL;
   }
@@ -86,20 +95,32 @@ exports_list (struct nbdkit_exports *exports)
 {
   int i, n = q2_snapshot_count (image);
 
-  if (nbdkit_add_export (exports, "", "active image") == -1)
+  char desc[300];
+
+  if (snapshot)
+    snprintf (desc, sizeof desc, "snapshot %.200s (snapshot=, read-only)",
+              snapshot);
+  if (nbdkit_add_export (exports, "", snapshot ? desc : "active image") == -1)
     return -1;
   for (i = 0; i < n; i++) {
     struct q2_snapshot_info info;
-    char desc[200], date[64];
+    const char *name;
+    char date[64];
     time_t t;
 
     if (q2_snapshot_get (image, i, &info) < 0)
       continue;
+    /* An empty or repeated name could not reach this snapshot: use the
+     * (unique) ID instead. */
+    name = info.name;
+    if (name[0] == '\0' || q2_snapshot_find_name (image, name) != i)
+      name = info.id;
     t = info.date_sec;
     strftime (date, sizeof date, "%Y-%m-%d %H:%M:%S", gmtime (&t));
-    snprintf (desc, sizeof desc, "snapshot ID %s, taken %s UTC, disk size %"
-              PRIu64 " bytes (read-only)", info.id, date, info.disk_size);
-    if (nbdkit_add_export (exports, info.name, desc) == -1)
+    snprintf (desc, sizeof desc, "snapshot ID %.32s, taken %s UTC, disk "
+              "size %" PRIu64 " bytes (read-only)", info.id, date,
+              info.disk_size);
+    if (nbdkit_add_export (exports, name, desc) == -1)
       return -1;
   }
   return 0;

@@ -7,6 +7,7 @@
 extern char *filename;                  /* file=, absolute */
 extern uint64_t l2_cache_size;          /* l2-cache-size=, 0 = default */
 extern struct q2_image *image;          /* the active image, shared */
+extern const char *snapshot;            /* snapshot=, or NULL */
 /* How the active image was opened: backing policy, caches, locking. */
 extern struct q2_open_opts open_opts;
 

@@ -20,7 +20,7 @@ NBDKIT_DLL_PUBLIC int qcow2_debug_extents;
 char *filename;
 uint64_t l2_cache_size;
 struct q2_image *image;
-static const char *snapshot;            /* snapshot=, serve it read-only */
+const char *snapshot;                   /* snapshot=, serve it read-only */
 static char *backing;                   /* backing=PATH, absolute */
 static bool no_backing;                 /* backing=none */
 static bool locking = true;             /* locking= */
@@ -143,7 +143,10 @@ qcow2_get_ready (void)
   r = q2_open (filename, &open_opts, &image);
 
   if (r < 0) {
-    nbdkit_error ("%s", q2_last_error ());
+    /* The core's messages do not know our parameter names. */
+    nbdkit_error ("%s%s", q2_last_error (),
+                  r == -EBUSY ? " (locking=off overrides)" :
+                  r == -ENOKEY ? " (password=)" : "");
     return -1;
   }
   nbdkit_debug ("qcow2: %s: virtual size %" PRIu64 ", cluster size %u%s%s",
@@ -192,13 +195,9 @@ qcow2_open (int readonly)
     return NULL;
   }
   h->readonly = readonly;
-  /* snapshot= applies to the default export; a client may still name
-   * any snapshot. */
   {
     const char *name = nbdkit_export_name ();
-    if (name == NULL || name[0] == '\0')
-      name = snapshot ? snapshot : "";
-    h->img = exports_image_for (name, &h->readonly);
+    h->img = exports_image_for (name ? name : "", &h->readonly);
     if (h->img == NULL) {
       free (h);
       return NULL;
@@ -209,8 +208,9 @@ qcow2_open (int readonly)
     pthread_mutex_lock (&writable_lock);
     r = q2_make_writable (image);
     pthread_mutex_unlock (&writable_lock);
-    if (r == -EACCES || r == -EPERM) {
-      /* Like the file plugin: serve a file we may not write read-only. */
+    if (r == -EACCES || r == -EPERM || r == -EROFS) {
+      /* Like the file plugin: serve a file we may not write (or an
+       * image marked corrupt) read-only. */
       nbdkit_debug ("%s; serving read-only", q2_last_error ());
       h->readonly = true;
     }
@@ -256,7 +256,9 @@ qcow2_block_size (void *handle, uint32_t *minimum, uint32_t *preferred,
   *minimum = 1;
   /* nbdkit wants the preferred size in 512..32M. */
   *preferred = cs < 512 ? 512 : cs;
-  *maximum = 0xffffffff;
+  /* nbdkit 1.32 refuses data requests over 64 MiB; stay below it, at
+   * qemu-nbd's 32 MiB. */
+  *maximum = 32 * 1024 * 1024;
   return 0;
 }
 

@@ -449,6 +449,14 @@ int q2_layer_pread (struct q2_image *img, uint8_t *buf, uint64_t count,
  * zeros.  Uses none of img's own metadata, so needs no io_lock. */
 int q2_read_below (struct q2_image *img, uint8_t *buf, uint64_t count,
                    uint64_t offset);
+/* Data or hole at off in a host file (SEEK_DATA/SEEK_HOLE): *run bytes
+ * (<= len) of the same kind.  Past file_size is a hole. */
+void q2_host_status (int fd, uint64_t file_size, uint64_t off, uint64_t len,
+                     bool *is_data, uint64_t *run);
+/* 1 when the image looks preallocated (more clusters with a refcount
+ * than the file has blocks): then, as in QEMU, data clusters that are
+ * holes in the file read as zeros in block status; 0 if not; -errno. */
+int q2_prealloc_state (struct q2_image *img);
 
 /* ---- alloc.c: refcounts and cluster allocation (io_lock exclusive) ---- */
 int q2_refcount_update (struct q2_image *img, uint64_t cluster_index,

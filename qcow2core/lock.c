@@ -80,12 +80,12 @@ q2_lock_image (int fd, const char *path, bool write)
   for (i = 0; i < P_MAX; i++) {
     if ((perm & (1u << i)) && locked_by_other (fd, SHARED_BASE + i))
       return q2_err (EBUSY, "%s: failed to get the \"%s\" lock: is another "
-                     "process (qemu?) using the image? (locking=off "
-                     "overrides)", path, perm_names[i]);
+                     "process (qemu?) using the image?", path,
+                     perm_names[i]);
     if (!(shared & (1u << i)) && locked_by_other (fd, PERM_BASE + i))
       return q2_err (EBUSY, "%s: failed to get the shared \"%s\" lock: is "
-                     "another process (qemu?) using the image? (locking=off "
-                     "overrides)", path, perm_names[i]);
+                     "another process (qemu?) using the image?", path,
+                     perm_names[i]);
   }
   return 0;
 

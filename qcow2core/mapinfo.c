@@ -11,37 +11,13 @@ static int
 raw_map (struct q2_image *img, uint64_t offset, uint64_t len,
          struct q2_map_info *out)
 {
-  off_t data, hole;
+  bool data;
 
-  out->present = true;
-  out->has_offset = true;
+  out->present = out->has_offset = true;
   out->offset = offset;
-  if (offset >= img->file_size) {
-    /* The zero-padded tail of the last sector. */
-    out->zero = true;
-    out->length = len;
-    return 0;
-  }
-  len = Q2_MIN (len, img->file_size - offset);
-  data = lseek (img->fd, offset, SEEK_DATA);
-  if (data == -1 && errno == ENXIO)
-    data = img->file_size;
-  if (data == -1) {
-    /* No hole information: everything is data. */
-    out->data = true;
-    out->length = len;
-    return 0;
-  }
-  if ((uint64_t) data > offset) {
-    out->zero = true;
-    out->length = Q2_MIN (len, (uint64_t) data - offset);
-    return 0;
-  }
-  hole = lseek (img->fd, offset, SEEK_HOLE);
-  if (hole == -1 || (uint64_t) hole <= offset)
-    hole = img->file_size;
-  out->data = true;
-  out->length = Q2_MIN (len, (uint64_t) hole - offset);
+  q2_host_status (img->fd, img->file_size, offset, len, &data, &out->length);
+  out->data = data;
+  out->zero = !data;
   return 0;
 }
 
@@ -74,6 +50,16 @@ layer_map (struct q2_image *img, uint64_t offset, uint64_t len,
     out->offset = m.host_offset;
     if (img->data_fd != img->fd)
       out->filename = img->data_path;
+    /* Like block status: holes in a preallocated file read as zeros. */
+    if (!img->crypto && (r = q2_prealloc_state (img)) != 0) {
+      bool data;
+      if (r < 0)
+        return r;
+      q2_host_status (img->data_fd, img->data_fd == img->fd ?
+                      img->file_size : img->data_file_size, m.host_offset,
+                      m.length, &data, &out->length);
+      out->zero = !data;
+    }
     return 0;
   case Q2_ZERO:
     out->present = out->zero = true;

@@ -111,15 +111,18 @@ l2_cache_slots (const struct q2_image *img, uint64_t l2_cache_size,
                 uint32_t slice)
 {
   uint64_t bytes = l2_cache_size;
+  uint64_t clusters = (img->virtual_size + img->cluster_size - 1) >>
+    img->cluster_bits;
+  uint64_t tables = (clusters + (1ULL << img->l2_bits) - 1) >> img->l2_bits;
+  /* Every L2 table of the disk, slice by slice: more is never used. */
+  uint64_t all = tables * (img->cluster_size / slice);
 
   if (bytes == 0) {
-    uint64_t clusters = (img->virtual_size + img->cluster_size - 1) >>
-      img->cluster_bits;
     bytes = Q2_MIN (clusters * img->l2_entry_size + slice,
                     DEFAULT_L2_CACHE_MAX);
     return Q2_MAX (bytes / slice, MIN_L2_SLOTS);
   }
-  bytes /= slice;
+  bytes = Q2_MIN (bytes / slice, all);
   if (bytes > UINT32_MAX / 4)
     bytes = UINT32_MAX / 4;
   return Q2_MAX (bytes, 2);
@@ -138,8 +141,8 @@ setup_encryption (struct q2_image *img, const char *password, bool no_key)
   if (h->crypt_method == 0 || (no_key && img->readonly && !password))
     return 0;
   if (password == NULL)
-    return q2_err (EPERM, "the image is encrypted (%s): a password is "
-                   "needed (password=)", h->crypt_method == 1 ? "legacy AES" :
+    return q2_err (ENOKEY, "the image is encrypted (%s): a password is "
+                   "needed", h->crypt_method == 1 ? "legacy AES" :
                    "LUKS");
   if (h->crypt_method == 1) {
     img->crypt_guest_sectors = true;

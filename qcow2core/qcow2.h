@@ -101,9 +101,11 @@ struct q2_snapshot_info {
 int q2_snapshot_count (const struct q2_image *img);
 int q2_snapshot_get (const struct q2_image *img, int index,
                      struct q2_snapshot_info *info);
-/* Index of the snapshot whose ID, or else name, is name_or_id, or
- * -ENOENT. */
+/* Index of the snapshot whose ID, or else name, is name_or_id (as
+ * QEMU looks them up), or -ENOENT. */
 int q2_snapshot_find (const struct q2_image *img, const char *name_or_id);
+/* The same with a name match first: for names that were advertised. */
+int q2_snapshot_find_name (const struct q2_image *img, const char *name);
 /* These need a writable image; each is crash-safe (leaks at worst). */
 int q2_snapshot_create (struct q2_image *img, const char *name);
 int q2_snapshot_delete (struct q2_image *img, const char *name_or_id);

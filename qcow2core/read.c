@@ -174,9 +174,8 @@ q2_pread (struct q2_image *img, void *buf, uint64_t count, uint64_t offset)
 
 /* ---- allocation status ---- */
 
-/* Data or hole in a host file, found with SEEK_DATA/SEEK_HOLE. */
-static void
-host_status (int fd, uint64_t file_size, uint64_t off, uint64_t len,
+void
+q2_host_status (int fd, uint64_t file_size, uint64_t off, uint64_t len,
              bool *is_data, uint64_t *run)
 {
   off_t d, h;
@@ -233,8 +232,8 @@ detect_prealloc (struct q2_image *img)
   return 0;
 }
 
-static int
-prealloc_state (struct q2_image *img)
+int
+q2_prealloc_state (struct q2_image *img)
 {
   int r = __atomic_load_n (&img->prealloc_state, __ATOMIC_ACQUIRE);
 
@@ -261,7 +260,7 @@ layer_status (struct q2_image *img, uint64_t offset, uint64_t len,
   int r;
 
   if (img->fmt == Q2_FMT_RAW) {
-    host_status (img->fd, img->file_size, offset, len, &data, run);
+    q2_host_status (img->fd, img->file_size, offset, len, &data, run);
     *flags = data ? 0 : Q2_EXTENT_HOLE | Q2_EXTENT_ZERO;
     return 0;
   }
@@ -281,10 +280,10 @@ layer_status (struct q2_image *img, uint64_t offset, uint64_t len,
     *flags = 0;
     if (img->crypto)
       return 0;                 /* QEMU does not look at the host file */
-    if ((r = prealloc_state (img)) < 0)
+    if ((r = q2_prealloc_state (img)) < 0)
       return r;
     if (r) {
-      host_status (img->data_fd, img->data_fd == img->fd ? img->file_size :
+      q2_host_status (img->data_fd, img->data_fd == img->fd ? img->file_size :
                    img->data_file_size, m.host_offset, m.length, &data, run);
       *flags = data ? 0 : Q2_EXTENT_ZERO;
     }

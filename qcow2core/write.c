@@ -305,6 +305,11 @@ plan_write (struct q2_image *img, uint64_t gc, uint64_t a, uint64_t b,
   allocated = !compressed && (d.host_offset != 0 || d.copied);
   owned = allocated && d.copied;
   w->host = d.host_offset;
+  if (allocated && !has_data_file (img) && w->host >= img->file_size)
+    return q2_mark_corrupt (img, "L2 entry for guest offset %#llx points "
+                            "at host offset %#llx, past the end of the "
+                            "file", (unsigned long long) gc,
+                            (unsigned long long) w->host);
 
   if (has_data_file (img)) {
     w->host = gc;               /* guest offset == data file offset */
@@ -642,9 +647,9 @@ write_in_place (struct q2_image *img, const uint8_t *buf, uint64_t count,
   while (count > 0) {
     struct q2_map m;
     int r = q2_map (img, offset, count, &m);
-    if (r < 0)
-      return r;
-    if (m.type != Q2_NORMAL || !m.copied)
+    /* On bad metadata, the exclusive path fails too, and marks the
+     * image corrupt as every write that meets it must. */
+    if (r < 0 || m.type != Q2_NORMAL || !m.copied)
       return 0;
     r = q2_check_overlap (img, m.host_offset, m.length, "guest data",
                           has_data_file (img) ? 0 : Q2_OVERLAP_ALL);

@@ -88,3 +88,29 @@ assert a.pread(4, 0) == b'\x55' * 4
     qemu-img convert -O raw -l snapshot.name=second "$img" "$BATS_TEST_TMPDIR/s2.raw"
     cmp "$BATS_TEST_TMPDIR/s2.raw" "$BATS_TEST_TMPDIR/second.raw"
 }
+
+@test "snapshots: an advertised name reaches its snapshot even when it is another's ID" {
+    qemu-io -f qcow2 -c 'write -P 0x33 0 64k' "$img" >/dev/null
+    qemu-img snapshot -c 1 "$img"                 # ID 3, name "1"
+    qemu-img convert -O raw -l snapshot.name=1 "$img" "$BATS_TEST_TMPDIR/n1.raw"
+    start_nbdkit "$PLUGIN" "$img"
+    run -0 nbdinfo --list "$uri"
+    [[ "$output" =~ 'export="1"' ]]
+    nbdcopy "$(sock_uri 1)" "$BATS_TEST_TMPDIR/e1.raw"
+    cmp "$BATS_TEST_TMPDIR/e1.raw" "$BATS_TEST_TMPDIR/n1.raw"
+    # IDs still reach snapshots whose names differ from every ID.
+    nbdcopy "$(sock_uri 2)" "$BATS_TEST_TMPDIR/e2.raw"
+    cmp "$BATS_TEST_TMPDIR/e2.raw" "$BATS_TEST_TMPDIR/second.raw"
+}
+
+@test "snapshots: with snapshot=, the list says what \"\" is and the active image is not exported" {
+    start_nbdkit "$PLUGIN" "$img" snapshot=first
+    run -0 nbdinfo --list "$uri"
+    [[ "$output" =~ 'snapshot first (snapshot=, read-only)' ]]
+    [[ ! "$output" =~ 'active image' ]]
+    run -2 nbdinfo --can write "$uri"
+    run ! nbdinfo "$(sock_uri active)"
+    grep -q 'the active image is not exported' "$nbdkit_log"
+    nbdcopy "$(sock_uri second)" "$BATS_TEST_TMPDIR/o2.raw"
+    cmp "$BATS_TEST_TMPDIR/o2.raw" "$BATS_TEST_TMPDIR/second.raw"
+}

@@ -580,3 +580,39 @@ same_check_status ()
     run -1 "$TOOL" snapshot -d nosuch a.qcow2
     run -1 "$TOOL" snapshot -l -c x a.qcow2
 }
+
+@test "tool map: a preallocation=metadata image maps like qemu-img (holes read as zero)" {
+    for o in compat=1.1 compat=0.10 extended_l2=on; do
+        rm -f p.qcow2
+        qemu-img create -q -f qcow2 -o preallocation=metadata,$o p.qcow2 5M
+        qemu-io -c 'write -P 9 1M 64k' p.qcow2 >/dev/null
+        qemu-img map --output=json p.qcow2 | norm_map > q.txt
+        "$TOOL" map --json p.qcow2 | norm_map > t.txt
+        diff q.txt t.txt || { echo "json map of p.qcow2 ($o) differs" >&3; return 1; }
+        qemu-img map p.qcow2 > q.txt
+        "$TOOL" map p.qcow2 > t.txt
+        diff q.txt t.txt || { echo "map of p.qcow2 ($o) differs" >&3; return 1; }
+    done
+}
+
+@test "tool: -U inspects an image the plugin is writing; the lock message names -U" {
+    qemu-img create -q -f qcow2 u.qcow2 1M
+    start_nbdkit "$PLUGIN" file="$PWD/u.qcow2"
+    nbdsh -u "$uri" -c 'h.pwrite(b"x" * 512, 0)'
+    run -1 "$TOOL" info u.qcow2
+    [[ "$output" == *"lock"*"(-U opens it anyway)"* ]]
+    [[ "$output" != *"locking=off"* ]]
+    run -0 "$TOOL" info -U u.qcow2
+    [[ "$output" == *"virtual size: 1 MiB"* ]]
+    run -0 "$TOOL" map -U --json u.qcow2
+    run -0 "$TOOL" check -U u.qcow2
+    run -1 "$TOOL" check -U -r leaks u.qcow2
+    [[ "$output" == *"cannot be combined with -r"* ]]
+    stop_nbdkit
+}
+
+@test "tool create: a size past INT64_MAX is out of range, not missing" {
+    run -1 "$TOOL" create z.qcow2 18446744073709551615
+    [[ "$output" == *"Must be between 0 and 9223372036854775807"* ]]
+    [ ! -e z.qcow2 ]
+}

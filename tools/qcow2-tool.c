@@ -147,13 +147,15 @@ json_string (FILE *f, const char *s)
 }
 
 struct q2_image *
-open_image (const char *path, bool writable)
+open_image (const char *path, bool writable, bool force_share)
 {
-  struct q2_open_opts opts = { .readonly = true, .locking = true };
+  struct q2_open_opts opts = { .readonly = true, .locking = !force_share };
   struct q2_image *img;
+  int r;
 
-  if (q2_open (path, &opts, &img) < 0) {
-    tool_error ("Could not open '%s': %s", path, q2_last_error ());
+  if ((r = q2_open (path, &opts, &img)) < 0) {
+    tool_error ("Could not open '%s': %s%s", path, q2_last_error (),
+                r == -EBUSY && !writable ? " (-U opens it anyway)" : "");
     return NULL;
   }
   if (writable && q2_make_writable (img) < 0) {

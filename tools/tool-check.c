@@ -16,7 +16,7 @@
 #define CHECK_UNSUPPORTED 63
 
 static const char check_help[] =
-  "Usage: qcow2-tool check [-q] [-r leaks|all] [--json] IMG\n"
+  "Usage: qcow2-tool check [-q] [-r leaks|all] [--json] [-U] IMG\n"
   "\n"
   "Compares the refcount of every cluster with the references to it and\n"
   "checks the COPIED flags of the active L1 and L2 tables.\n"
@@ -25,6 +25,7 @@ static const char check_help[] =
   "  -r all     also rebuild the refcount structures to fix corruptions\n"
   "  --json     print the result as qemu-img check --output=json does\n"
   "  -q         quiet\n"
+  "  -U         open an image that another process is using (no -r)\n"
   "\n"
   "Exit status: 0 no errors, 1 the check could not complete, 2 corruptions,\n"
   "3 leaked clusters only, 63 the image cannot be checked.\n";
@@ -120,11 +121,12 @@ cmd_check (int argc, char **argv)
     { "json", no_argument, NULL, 'j' },
     { "output", required_argument, NULL, 'O' },
     { "repair", required_argument, NULL, 'r' },
+    { "force-share", no_argument, NULL, 'U' },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
   struct q2_check_result res;
-  bool json = false, quiet = false;
+  bool json = false, quiet = false, share = false;
   int mode = Q2_REPAIR_NONE, c, r;
   struct q2_image *img;
   const char *path;
@@ -134,9 +136,10 @@ cmd_check (int argc, char **argv)
     return 0;
   }
   optind = 1;
-  while ((c = getopt_long (argc, argv, "+qr:f:", long_opts, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, "+qr:f:U", long_opts, NULL)) != -1) {
     switch (c) {
     case 'j': json = true; break;
+    case 'U': share = true; break;
     case 'q': quiet = true; break;
     case 'f': break;
     case 'O':
@@ -155,8 +158,13 @@ cmd_check (int argc, char **argv)
     tool_error ("check: expecting one image");
     return CHECK_FAILED;
   }
+  if (share && mode != Q2_REPAIR_NONE) {
+    tool_error ("check: -U (force-share) opens the image read-only; it "
+                "cannot be combined with -r");
+    return CHECK_FAILED;
+  }
   path = argv[optind];
-  img = open_image (path, false);
+  img = open_image (path, false, share);
   if (img == NULL)
     return CHECK_FAILED;
 

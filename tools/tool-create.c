@@ -2,6 +2,7 @@
  * options. */
 #include <errno.h>
 #include <getopt.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -541,6 +542,12 @@ cmd_create (int argc, char **argv)
     tool_error ("Invalid image size specified. You may use k, M, G, T, P "
                 "or E suffixes for kilobytes, megabytes, gigabytes, "
                 "terabytes, petabytes and exabytes.");
+    goto out;
+  }
+  /* UINT64_MAX means "no size given" below: QEMU's limit is INT64_MAX. */
+  if (argc - optind == 2 && size > INT64_MAX) {
+    tool_error ("Invalid image size specified. Must be between 0 and "
+                "%" PRId64 ".", INT64_MAX);
     goto out;
   }
   if (size == UINT64_MAX && o.backing_file == NULL) {

@@ -1,5 +1,6 @@
 /* qcow2-tool info: what qemu-img info shows, as text or JSON, for the
  * image or its whole backing chain. */
+#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -11,7 +12,7 @@
 #include "tool.h"
 
 static const char info_help[] =
-  "Usage: qcow2-tool info [--json] [--backing-chain] IMG\n"
+  "Usage: qcow2-tool info [--json] [--backing-chain] [-U] IMG\n"
   "\n"
   "Shows the format version, virtual and disk size, cluster size, refcount\n"
   "width, features, backing file and snapshots of IMG.  --json prints the\n"
@@ -21,7 +22,9 @@ static const char info_help[] =
   "Encrypted images need no password: the encryption format and the LUKS\n"
   "parameters (cipher, mode, IV generator, hashes, key slots) are read\n"
   "from the headers; key material is never shown.  Their backing files\n"
-  "are not opened.\n";
+  "are not opened.\n"
+  "\n"
+  "-U (--force-share) opens an image that another process is using.\n";
 
 /* One layer, with the name qemu would show for it. */
 struct layer {
@@ -371,15 +374,16 @@ collect_layers (struct q2_image *top, const char *top_name,
 /* Opens the image (and its chain); an encrypted image, which needs a key
  * to be opened for I/O, is opened header-only: info needs no password. */
 static struct q2_image *
-open_for_info (const char *path)
+open_for_info (const char *path, bool share)
 {
-  struct q2_open_opts opts = { .readonly = true, .locking = true };
+  struct q2_open_opts opts = { .readonly = true, .locking = !share };
   struct q2_open_opts hdr_opts = { .readonly = true, .no_key = true };
   struct q2_image *img, *hdr;
   struct q2_encrypt_info enc;
   char *msg;
+  int r;
 
-  if (q2_open (path, &opts, &img) == 0)
+  if ((r = q2_open (path, &opts, &img)) == 0)
     return img;
   msg = strdup (q2_last_error ());
   if (q2_open (path, &hdr_opts, &hdr) == 0) {
@@ -391,7 +395,8 @@ open_for_info (const char *path)
     }
     q2_close (hdr);
   }
-  tool_error ("Could not open '%s': %s", path, msg ? msg : "out of memory");
+  tool_error ("Could not open '%s': %s%s", path, msg ? msg : "out of memory",
+              r == -EBUSY ? " (-U opens it anyway)" : "");
   free (msg);
   return NULL;
 }
@@ -403,11 +408,12 @@ cmd_info (int argc, char **argv)
     { "json", no_argument, NULL, 'j' },
     { "output", required_argument, NULL, 'O' },
     { "backing-chain", no_argument, NULL, 'c' },
+    { "force-share", no_argument, NULL, 'U' },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
   struct layer layers[Q2_MAX_CHAIN_DEPTH + 2];
-  bool json = false, chain = false;
+  bool json = false, chain = false, share = false;
   struct q2_image *img;
   int c, n, i;
 
@@ -416,10 +422,11 @@ cmd_info (int argc, char **argv)
     return 0;
   }
   optind = 1;
-  while ((c = getopt_long (argc, argv, "+f:", long_opts, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, "+f:U", long_opts, NULL)) != -1) {
     switch (c) {
     case 'j': json = true; break;
     case 'c': chain = true; break;
+    case 'U': share = true; break;
     case 'f': break;
     case 'O':
       if (strcmp (optarg, "json") == 0)
@@ -440,7 +447,7 @@ cmd_info (int argc, char **argv)
     tool_error ("info: expecting one image");
     return EXIT_FAIL;
   }
-  img = open_for_info (argv[optind]);
+  img = open_for_info (argv[optind], share);
   if (img == NULL)
     return EXIT_FAIL;
   memset (layers, 0, sizeof layers);

@@ -9,12 +9,13 @@
 #include "tool.h"
 
 static const char map_help[] =
-  "Usage: qcow2-tool map [--json] IMG\n"
+  "Usage: qcow2-tool map [--json] [-U] IMG\n"
   "\n"
   "Shows where each range of the guest disk comes from.  The default\n"
   "output lists the ranges with data (Offset, Length, Mapped to, File);\n"
   "--json lists every range with start, length, depth (the layer of the\n"
-  "backing chain), present, zero, data and the host offset.\n";
+  "backing chain), present, zero, data and the host offset.\n"
+  "-U (--force-share) opens an image that another process is using.\n";
 
 /* Display names of the layers, by depth. */
 struct names {
@@ -90,7 +91,9 @@ print_human_entry (uint64_t start, const struct q2_map_info *m,
                 "clusters.");
     return -1;
   }
-  if (m->data && m->has_offset)
+  /* As qemu-img: data that reads as zeros (holes in a preallocated
+   * file) is not listed. */
+  if (m->data && !m->zero && m->has_offset)
     printf ("%#-16" PRIx64 "%#-16" PRIx64 "%#-16" PRIx64 "%s\n", start,
             m->length, m->offset, display_name (nm, m));
   return 0;
@@ -102,12 +105,13 @@ cmd_map (int argc, char **argv)
   static const struct option long_opts[] = {
     { "json", no_argument, NULL, 'j' },
     { "output", required_argument, NULL, 'O' },
+    { "force-share", no_argument, NULL, 'U' },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
   struct q2_map_info cur, next;
   uint64_t pos, size, cur_start = 0;
-  bool json = false, have = false, first = true;
+  bool json = false, have = false, first = true, share = false;
   struct q2_image *img;
   struct names nm;
   int c, i, ret = 0;
@@ -117,9 +121,10 @@ cmd_map (int argc, char **argv)
     return 0;
   }
   optind = 1;
-  while ((c = getopt_long (argc, argv, "+f:", long_opts, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, "+f:U", long_opts, NULL)) != -1) {
     switch (c) {
     case 'j': json = true; break;
+    case 'U': share = true; break;
     case 'f': break;
     case 'O': json = strcmp (optarg, "json") == 0; break;
     default:
@@ -131,7 +136,7 @@ cmd_map (int argc, char **argv)
     tool_error ("map: expecting one image");
     return EXIT_FAIL;
   }
-  img = open_image (argv[optind], false);
+  img = open_image (argv[optind], false, share);
   if (img == NULL)
     return EXIT_FAIL;
   collect_names (img, argv[optind], &nm);

@@ -88,7 +88,7 @@ cmd_snapshot (int argc, char **argv)
     fputs (snapshot_help, stderr);
     return EXIT_FAIL;
   }
-  img = open_image (argv[optind], act != ACT_LIST);
+  img = open_image (argv[optind], act != ACT_LIST, false);
   if (img == NULL)
     return EXIT_FAIL;
   if (act == ACT_LIST) {

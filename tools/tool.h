@@ -34,7 +34,10 @@ void format_size (uint64_t v, char *buf, size_t len);
 void json_string (FILE *f, const char *s);
 
 /* Opens an image read-only (or writable), reporting errors. */
-struct q2_image *open_image (const char *path, bool writable);
+/* force_share (-U): open read-only without taking QEMU's image locks,
+ * to look at an image another process is using. */
+struct q2_image *open_image (const char *path, bool writable,
+                             bool force_share);
 
 /* Name of a layer as qemu shows it: a relative backing name is joined
  * with the directory part of the name of the image that refers to it.
