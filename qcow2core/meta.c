@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -314,6 +315,31 @@ write_l1 (struct q2_image *img)
 /* The safe order: refcount increases, then L2 tables, then the L1 table
  * that points at new L2 tables, each synced before the next; only then
  * are the refcounts of dropped references decreased. */
+/* A new cluster at the end of the file that was only partly written
+ * (nothing to copy into the rest) leaves the file ending inside it.
+ * QEMU reads the missing bytes as zeros, but its own images always end
+ * on a cluster boundary: give ours the same shape at each flush. */
+static int
+extend_to_last_cluster (struct q2_image *img)
+{
+  struct stat st;
+  int e;
+
+  if (img->data_fd != img->fd)
+    return 0;                   /* data clusters are not in this file */
+  if (fstat (img->fd, &st) == -1) {
+    e = errno;
+    return q2_err (e, "fstat: %s", strerror (e));
+  }
+  if ((uint64_t) st.st_size < img->file_size &&
+      ftruncate (img->fd, img->file_size) == -1) {
+    e = errno;
+    return q2_err (e, "extending the image file to %llu bytes: %s",
+                   (unsigned long long) img->file_size, strerror (e));
+  }
+  return 0;
+}
+
 int
 q2_flush_locked (struct q2_image *img)
 {
@@ -342,6 +368,8 @@ q2_flush_locked (struct q2_image *img)
     if ((r = q2_flush_refcounts (img)) < 0)
       return r;
   }
+  if ((r = extend_to_last_cluster (img)) < 0)
+    return r;
   /* Data written in place, and whatever the steps above wrote. */
   return q2_sync (img);
 }

@@ -551,3 +551,23 @@ except nbd.Error as e:
         [ "$rss" -lt 65536 ] || { echo "l2-cache-size=$size: RSS $rss kB" >&3; false; }
     done
 }
+
+@test "(q) a partly written new cluster at the end of the file: the file ends on a cluster boundary, as QEMU's do" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    for cs in 512 65536 2M; do
+        rm -f "$img"
+        qemu-img create -q -f qcow2 -o cluster_size=$cs "$img" 16M
+        start_nbdkit "$PLUGIN" file="$img"
+        nbdsh -u "$uri" -c 'h.pwrite(b"x" * 100, (1 << 20) + 7)' -c 'h.flush()'
+        # After a flush, while still being served, and after close.
+        end=$(qemu-img check -U --output=json "$img" |
+              /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["image-end-offset"])')
+        [ "$(stat -c %s "$img")" -eq "$end" ] ||
+            { echo "cluster_size=$cs: file $(stat -c %s "$img"), end $end" >&3; false; }
+        stop_nbdkit
+        [ "$(stat -c %s "$img")" -eq "$end" ]
+        qcheck "$img"
+        qio "$img" -c 'read -P 0 1M 7' -c 'read -P 0x78 1048583 100' \
+            -c 'read -P 0 1048683 100'
+    done
+}
