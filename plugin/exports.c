@@ -21,6 +21,109 @@ static pthread_mutex_t views_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct q2_image **views;         /* by snapshot index */
 static int nb_views;
 
+/* The export name of each snapshot (NULL: not exported), computed once
+ * under views_lock: the snapshot table does not change while served. */
+static const char **names;
+static int nb_names = -1;
+
+static const char *
+snap_name (int i)
+{
+  struct q2_snapshot_info info;
+
+  return q2_snapshot_get (image, i, &info) == 0 ? info.name : "";
+}
+
+static const char *
+snap_id (int i)
+{
+  struct q2_snapshot_info info;
+
+  return q2_snapshot_get (image, i, &info) == 0 ? info.id : "";
+}
+
+static int
+by_name (const void *a, const void *b)
+{
+  return strcmp (snap_name (*(const int *) a), snap_name (*(const int *) b));
+}
+
+static int
+name_in (const int *sorted, int n, const char *s)
+{
+  int lo = 0, hi = n;
+
+  while (lo < hi) {
+    int mid = lo + (hi - lo) / 2, c = strcmp (snap_name (sorted[mid]), s);
+    if (c == 0)
+      return 1;
+    if (c < 0)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return 0;
+}
+
+/* A snapshot is exported under its name when that name is unique and
+ * not empty, else under its ID, unless some snapshot exported by name
+ * is called like that ID (then it is not listed).  So every listed name
+ * is unique and reaches the snapshot it was listed for.  Sorting keeps
+ * this O(n log n) for a table of up to 65536 snapshots. */
+static int
+compute_names (void)
+{
+  int n = q2_snapshot_count (image), i, j, k, nb_unique = 0;
+  int *sorted, *unique;
+
+  names = calloc (n ? n : 1, sizeof *names);
+  sorted = malloc ((n ? n : 1) * sizeof *sorted);
+  unique = malloc ((n ? n : 1) * sizeof *unique);
+  if (names == NULL || sorted == NULL || unique == NULL) {
+    free (names); free (sorted); free (unique);
+    names = NULL;
+    nbdkit_error ("out of memory listing snapshots");
+    return -1;
+  }
+  for (i = 0; i < n; i++)
+    sorted[i] = i;
+  qsort (sorted, n, sizeof *sorted, by_name);
+  for (i = 0; i < n; i = j) {
+    for (j = i + 1; j < n && by_name (&sorted[i], &sorted[j]) == 0; j++)
+      ;
+    if (j == i + 1 && snap_name (sorted[i])[0] != '\0') {
+      names[sorted[i]] = snap_name (sorted[i]);
+      unique[nb_unique++] = sorted[i];   /* still in name order */
+    }
+  }
+  for (k = 0; k < n; k++)
+    if (names[k] == NULL && !name_in (unique, nb_unique, snap_id (k)))
+      names[k] = snap_id (k);
+  free (sorted);
+  free (unique);
+  nb_names = n;
+  return 0;
+}
+
+/* The snapshot a client's export name means: the one listed under that
+ * name, else (for names never listed) the ID or name as QEMU finds it. */
+static int
+find_export (const char *name)
+{
+  int i;
+
+  pthread_mutex_lock (&views_lock);
+  if (nb_names < 0 && compute_names () < 0) {
+    pthread_mutex_unlock (&views_lock);
+    return -1;
+  }
+  for (i = 0; i < nb_names; i++)
+    if (names[i] && strcmp (names[i], name) == 0)
+      break;
+  pthread_mutex_unlock (&views_lock);
+  return i < nb_names ? i : q2_snapshot_find (image, name);
+}
+
 static struct q2_image *
 open_view (int index)
 {
@@ -52,13 +155,12 @@ exports_image_for (const char *name, bool *readonly)
   int i;
 
   /* snapshot= replaces the active image as the default export, found
-   * the way QEMU finds it (ID first).  Other export names are untrusted
-   * and must be exactly what exports_list advertised: a snapshot's
-   * name, or its ID. */
+   * the way QEMU finds it (ID first).  Other export names are untrusted:
+   * only exact snapshot names or IDs. */
   if (name[0] == '\0' && snapshot == NULL)
     return image;
   i = name[0] == '\0' ? q2_snapshot_find (image, snapshot) :
-    q2_snapshot_find_name (image, name);
+    find_export (name);
   if (i < 0) {
     if (snapshot)
       nbdkit_error ("export '%.64s' is not a snapshot (with snapshot=, "
@@ -93,8 +195,7 @@ exports_image_for (const char *name, bool *readonly)
 int
 exports_list (struct nbdkit_exports *exports)
 {
-  int i, n = q2_snapshot_count (image);
-
+  int i, n;
   char desc[300];
 
   if (snapshot)
@@ -102,28 +203,25 @@ exports_list (struct nbdkit_exports *exports)
               snapshot);
   if (nbdkit_add_export (exports, "", snapshot ? desc : "active image") == -1)
     return -1;
+  pthread_mutex_lock (&views_lock);
+  n = nb_names < 0 && compute_names () < 0 ? -1 : nb_names;
+  pthread_mutex_unlock (&views_lock);
   for (i = 0; i < n; i++) {
     struct q2_snapshot_info info;
-    const char *name;
     char date[64];
     time_t t;
 
-    if (q2_snapshot_get (image, i, &info) < 0)
+    if (names[i] == NULL || q2_snapshot_get (image, i, &info) < 0)
       continue;
-    /* An empty or repeated name could not reach this snapshot: use the
-     * (unique) ID instead. */
-    name = info.name;
-    if (name[0] == '\0' || q2_snapshot_find_name (image, name) != i)
-      name = info.id;
     t = info.date_sec;
     strftime (date, sizeof date, "%Y-%m-%d %H:%M:%S", gmtime (&t));
     snprintf (desc, sizeof desc, "snapshot ID %.32s, taken %s UTC, disk "
               "size %" PRIu64 " bytes (read-only)", info.id, date,
               info.disk_size);
-    if (nbdkit_add_export (exports, name, desc) == -1)
+    if (nbdkit_add_export (exports, names[i], desc) == -1)
       return -1;
   }
-  return 0;
+  return n < 0 ? -1 : 0;
 }
 
 void
@@ -137,4 +235,7 @@ exports_close_all (void)
   free (views);
   views = NULL;
   nb_views = 0;
+  free (names);
+  names = NULL;
+  nb_names = -1;
 }

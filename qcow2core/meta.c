@@ -331,6 +331,8 @@ extend_to_last_cluster (struct q2_image *img)
     e = errno;
     return q2_err (e, "fstat: %s", strerror (e));
   }
+  if (!S_ISREG (st.st_mode))
+    return 0;                   /* a block device has its size */
   if ((uint64_t) st.st_size < img->file_size &&
       ftruncate (img->fd, img->file_size) == -1) {
     e = errno;

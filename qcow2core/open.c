@@ -518,16 +518,18 @@ q2_switch_to_rw (struct q2_image *img)
     return 0;
   if (img->locking)
     q2_unlock_image (img->fd);
-  if ((r = reopen_rw (img->fd, img->path, "image")) < 0)
-    return r;
-  /* The new file description has no locks yet. */
-  if (img->locking && (r = q2_lock_image (img->fd, img->path, true)) < 0) {
-    q2_lock_image (img->fd, img->path, false);
+  /* The new file description has no locks yet.  On any failure, go back
+   * to the shared locks of a reader: still serving the image read-only,
+   * we must keep QEMU from writing it under us. */
+  if ((r = reopen_rw (img->fd, img->path, "image")) < 0 ||
+      (img->locking && (r = q2_lock_image (img->fd, img->path, true)) < 0) ||
+      (img->data_fd != img->fd &&
+       (r = reopen_rw (img->data_fd, img->data_path,
+                       "external data file")) < 0)) {
+    if (img->locking)
+      q2_lock_image (img->fd, img->path, false);
     return r;
   }
-  if (img->data_fd != img->fd &&
-      (r = reopen_rw (img->data_fd, img->data_path, "external data file")) < 0)
-    return r;
   img->reftable_used = 0;
   for (i = 0; i < img->reftable_entries; i++)
     if (img->reftable[i])

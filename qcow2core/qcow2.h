@@ -104,8 +104,6 @@ int q2_snapshot_get (const struct q2_image *img, int index,
 /* Index of the snapshot whose ID, or else name, is name_or_id (as
  * QEMU looks them up), or -ENOENT. */
 int q2_snapshot_find (const struct q2_image *img, const char *name_or_id);
-/* The same with a name match first: for names that were advertised. */
-int q2_snapshot_find_name (const struct q2_image *img, const char *name);
 /* These need a writable image; each is crash-safe (leaks at worst). */
 int q2_snapshot_create (struct q2_image *img, const char *name);
 int q2_snapshot_delete (struct q2_image *img, const char *name_or_id);

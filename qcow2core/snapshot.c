@@ -150,31 +150,19 @@ q2_snapshot_get (const struct q2_image *img, int index,
   return 0;
 }
 
-static int
-find_snapshot (const struct q2_image *img, const char *s, bool id_first)
-{
-  uint32_t i;
-  int pass;
-
-  for (pass = 0; pass < 2; pass++)
-    for (i = 0; i < img->nb_snapshots; i++) {
-      const struct q2_snapshot *sn = &img->snapshots[i];
-      if (strcmp ((pass == 0) == id_first ? sn->id : sn->name, s) == 0)
-        return i;
-    }
-  return q2_err (ENOENT, "no snapshot with ID or name '%s'", s);
-}
-
 int
 q2_snapshot_find (const struct q2_image *img, const char *name_or_id)
 {
-  return find_snapshot (img, name_or_id, true);
-}
+  uint32_t i;
 
-int
-q2_snapshot_find_name (const struct q2_image *img, const char *name)
-{
-  return find_snapshot (img, name, false);
+  /* An ID match wins, as in QEMU. */
+  for (i = 0; i < img->nb_snapshots; i++)
+    if (strcmp (img->snapshots[i].id, name_or_id) == 0)
+      return i;
+  for (i = 0; i < img->nb_snapshots; i++)
+    if (strcmp (img->snapshots[i].name, name_or_id) == 0)
+      return i;
+  return q2_err (ENOENT, "no snapshot with ID or name '%s'", name_or_id);
 }
 
 int

@@ -13,7 +13,11 @@ setup ()
     qemu-io -f qcow2 -c 'write -P 0x22 4M 1M' top.qcow2 >/dev/null
 }
 
-teardown () { stop_nbdkit; }
+teardown ()
+{
+    stop_nbdkit
+    ! mountpoint -q "$BATS_TEST_TMPDIR/ro" || umount "$BATS_TEST_TMPDIR/ro"
+}
 
 @test "locking: QEMU cannot open an image we are writing" {
     start_nbdkit "$PLUGIN" top.qcow2
@@ -25,6 +29,21 @@ teardown () { stop_nbdkit; }
     [[ "$output" =~ "lock" ]]
     # Shared access (qemu-img -U) still works.
     run -0 qemu-img info -U top.qcow2
+}
+
+@test "locking: a connection that cannot make the image writable leaves QEMU's locks held" {
+    # The same file through a read-only bind mount: the plugin opens it,
+    # the upgrade to read-write fails (EROFS), the export is read-only.
+    mkdir ro
+    { mount --bind "$BATS_TEST_TMPDIR" ro &&
+          mount -o remount,bind,ro ro; } 2>/dev/null ||
+        skip "cannot make a read-only bind mount here"
+    start_nbdkit "$PLUGIN" file="$BATS_TEST_TMPDIR/ro/top.qcow2"
+    run -2 nbdinfo --can write "$uri"
+    # QEMU must still be kept from writing what we serve.
+    run ! qemu-io -f qcow2 -c 'write -P 7 0 512' top.qcow2
+    [[ "$output" =~ "lock" ]]
+    nbdsh -u "$uri" -c 'assert h.pread(512, 4 << 20) == b"\x22" * 512'
 }
 
 @test "locking: we refuse an image QEMU is writing; locking=off overrides" {

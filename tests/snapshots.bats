@@ -114,3 +114,30 @@ assert a.pread(4, 0) == b'\x55' * 4
     nbdcopy "$(sock_uri second)" "$BATS_TEST_TMPDIR/o2.raw"
     cmp "$BATS_TEST_TMPDIR/o2.raw" "$BATS_TEST_TMPDIR/second.raw"
 }
+
+@test "snapshots: repeated names are listed by ID, and every listed name is unique and reaches its snapshot" {
+    # IDs 3 and 4 named "a", ID 5 named "4": the second "a" would be
+    # listed as "4", which is ID 5's name, so it is not listed.
+    for v in 3 4 5; do
+        qemu-io -f qcow2 -c "write -P 0x$v$v 0 64k" "$img" >/dev/null
+        name=a; [ $v = 5 ] && name=4
+        qemu-img snapshot -c $name "$img"
+        qemu-img convert -O raw -l snapshot.id=$v "$img" "$BATS_TEST_TMPDIR/id$v.raw"
+    done
+    start_nbdkit "$PLUGIN" "$img"
+    nbdinfo --list --json "$uri" > "$BATS_TEST_TMPDIR/list.json"
+    /usr/bin/python3 - "$BATS_TEST_TMPDIR/list.json" <<'PY'
+import json, sys
+names = [e["export-name"] for e in json.load(open(sys.argv[1]))["exports"]]
+assert len(names) == len(set(names)), names
+assert sorted(names) == sorted(["", "first", "second", "3", "4"]), names
+PY
+    for e in 3:3 4:5 first:first second:second; do
+        name="${e%%:*}" want="${e##*:}"
+        [ -e "$BATS_TEST_TMPDIR/$want.raw" ] || want="id$want"
+        rm -f "$BATS_TEST_TMPDIR/o.raw"
+        nbdcopy "$(sock_uri "$name")" "$BATS_TEST_TMPDIR/o.raw"
+        cmp "$BATS_TEST_TMPDIR/o.raw" "$BATS_TEST_TMPDIR/$want.raw" ||
+            { echo "export $name is not snapshot $want" >&3; false; }
+    done
+}

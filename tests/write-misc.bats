@@ -8,7 +8,11 @@ load helpers
 
 TOOLS="$BATS_TEST_DIRNAME/tools"
 
-teardown () { stop_nbdkit; }
+teardown ()
+{
+    stop_nbdkit
+    [ ! -s "$BATS_TEST_TMPDIR/loop" ] || losetup -d "$(cat "$BATS_TEST_TMPDIR/loop")"
+}
 
 # qcheck IMG: qemu-img check must be clean (rc 0: no errors, no leaks).
 qcheck ()
@@ -570,4 +574,19 @@ except nbd.Error as e:
         qio "$img" -c 'read -P 0 1M 7' -c 'read -P 0x78 1048583 100' \
             -c 'read -P 0 1048683 100'
     done
+}
+
+@test "(r) an image on a block device: writes, flushes and close work" {
+    truncate -s 64M "$BATS_TEST_TMPDIR/dev.img"
+    loop=$(losetup -f --show "$BATS_TEST_TMPDIR/dev.img" 2>/dev/null) ||
+        skip "no loop devices here"
+    echo "$loop" > "$BATS_TEST_TMPDIR/loop"
+    qemu-img create -q -f qcow2 "$loop" 32M
+    start_nbdkit "$PLUGIN" file="$loop"
+    nbdsh -u "$uri" -c 'h.pwrite(b"\x5a" * 70000, 12345)' -c 'h.flush()' \
+        -c 'h.pwrite(b"\x5b" * 512, 1 << 20, nbd.CMD_FLAG_FUA)'
+    stop_nbdkit
+    grep -q 'error' "$nbdkit_log" && { cat "$nbdkit_log" >&3; false; }
+    qcheck "$loop"
+    qio "$loop" -c 'read -P 0x5a 12345 70000' -c 'read -P 0x5b 1M 512'
 }
