@@ -149,11 +149,11 @@ q2_scratch (unsigned slot, size_t len)
   if (s->len[slot] < len) {
     free_slot (s, slot);
     if (len > KEEP_MAX) {
-      /* Powers of two, so that pooled buffers fit the next request. */
-      size_t l = KEEP_MAX;
-      while (l < len && l <= SIZE_MAX / 2)
-        l *= 2;
-      len = l < len ? len : l;
+      /* Whole multiples of KEEP_MAX, so that pooled buffers fit the next
+       * request of about the same size. */
+      if (len > SIZE_MAX - KEEP_MAX)
+        return NULL;
+      len = Q2_ROUND_UP (len, KEEP_MAX);
       p = large_get (len);
     }
     else
