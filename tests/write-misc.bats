@@ -527,6 +527,7 @@ except nbd.Error as e:
     qemu-img create -q -f qcow2 "$img" 4M
     qio "$img" -c 'write -P 1 0 256k'
     set_l2_entry1 "$img" '(1 << 63) | (end + (64 << 20))'
+    cp "$img" "$BATS_TEST_TMPDIR/z.qcow2"
     start_nbdkit "$PLUGIN" file="$img"
     run nbdsh -u "$uri" -c "
 h.pwrite(b'a' * 4096, 0)
@@ -541,6 +542,19 @@ except nbd.Error as e:
     qemu-img info "$img" | grep -q 'corrupt: true'
     # Nothing was written past the end of the file.
     [ "$(stat -c %s "$img")" -lt $((64 << 20)) ]
+    # Zeroing that cluster (keeping its host offset) is refused the same way.
+    img="$BATS_TEST_TMPDIR/z.qcow2"
+    start_nbdkit "$PLUGIN" file="$img"
+    run nbdsh -u "$uri" -c "
+try:
+    h.zero(65536, 65536)
+    print('ZERO SUCCEEDED')
+except nbd.Error as e:
+    print('refused', e.errnum)
+"
+    stop_nbdkit
+    [[ "$output" =~ "refused 5" ]] || { echo "zero: $output" >&3; false; }
+    qemu-img info "$img" | grep -q 'corrupt: true'
 }
 
 @test "(p) l2-cache-size larger than the disk's L2 tables is capped" {
