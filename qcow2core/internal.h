@@ -492,6 +492,10 @@ int q2_get_l2_entry (struct q2_image *img, uint64_t guest_offset,
 int q2_set_l2_entry (struct q2_image *img, uint64_t l2_offset,
                      uint64_t guest_offset, uint64_t entry, uint64_t bitmap);
 int q2_release_entry (struct q2_image *img, uint64_t entry);
+/* An allocated L2 entry for guest cluster gc, met while writing, whose
+ * host offset lies past the end of the file: marks the image corrupt
+ * and returns -EIO; 0 when the offset is fine. */
+int q2_check_entry_in_file (struct q2_image *img, uint64_t gc, uint64_t host);
 int q2_zero_host (struct q2_image *img, int fd, uint64_t offset,
                   uint64_t len);
 int q2_write_locked (struct q2_image *img, const uint8_t *buf,

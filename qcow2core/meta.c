@@ -312,9 +312,6 @@ write_l1 (struct q2_image *img)
   return r;
 }
 
-/* The safe order: refcount increases, then L2 tables, then the L1 table
- * that points at new L2 tables, each synced before the next; only then
- * are the refcounts of dropped references decreased. */
 /* A new cluster at the end of the file that was only partly written
  * (nothing to copy into the rest) leaves the file ending inside it.
  * QEMU reads the missing bytes as zeros, but its own images always end
@@ -342,6 +339,9 @@ extend_to_last_cluster (struct q2_image *img)
   return 0;
 }
 
+/* The safe order: refcount increases, then L2 tables, then the L1 table
+ * that points at new L2 tables, each synced before the next; only then
+ * are the refcounts of dropped references decreased. */
 int
 q2_flush_locked (struct q2_image *img)
 {

@@ -176,7 +176,7 @@ q2_pread (struct q2_image *img, void *buf, uint64_t count, uint64_t offset)
 
 void
 q2_host_status (int fd, uint64_t file_size, uint64_t off, uint64_t len,
-             bool *is_data, uint64_t *run)
+                bool *is_data, uint64_t *run)
 {
   off_t d, h;
 
@@ -283,8 +283,9 @@ layer_status (struct q2_image *img, uint64_t offset, uint64_t len,
     if ((r = q2_prealloc_state (img)) < 0)
       return r;
     if (r) {
-      q2_host_status (img->data_fd, img->data_fd == img->fd ? img->file_size :
-                   img->data_file_size, m.host_offset, m.length, &data, run);
+      q2_host_status (img->data_fd, img->data_fd == img->fd ?
+                      img->file_size : img->data_file_size, m.host_offset,
+                      m.length, &data, run);
       *flags = data ? 0 : Q2_EXTENT_ZERO;
     }
     return 0;

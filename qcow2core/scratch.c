@@ -45,6 +45,9 @@ close_pipe (struct scratch *s)
 #define POOL_MAX 4
 
 static struct { void *p; size_t len; } pool[POOL_MAX];
+/* Large buffers this thread holds: q2_scratch_trim, called after every
+ * request, has nothing to do (and looks nothing up) while it is 0. */
+static __thread unsigned nb_large;
 static unsigned pool_n;
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -88,8 +91,10 @@ large_put (void *p, size_t len)
 static void
 free_slot (struct scratch *s, unsigned slot)
 {
-  if (s->len[slot] > KEEP_MAX)
+  if (s->len[slot] > KEEP_MAX) {
     large_put (s->buf[slot], s->len[slot]);
+    nb_large--;
+  }
   else
     free (s->buf[slot]);
   s->buf[slot] = NULL;
@@ -154,7 +159,8 @@ q2_scratch (unsigned slot, size_t len)
       if (len > SIZE_MAX - KEEP_MAX)
         return NULL;
       len = Q2_ROUND_UP (len, KEEP_MAX);
-      p = large_get (len);
+      if ((p = large_get (len)) != NULL)
+        nb_large++;
     }
     else
       p = malloc (len);
@@ -172,10 +178,9 @@ q2_scratch_trim (void)
   struct scratch *s;
   unsigned i;
 
-  pthread_once (&once, make_key);
-  s = pthread_getspecific (key);
-  if (s == NULL)
+  if (nb_large == 0)
     return;
+  s = pthread_getspecific (key);
   for (i = 0; i < Q2_SCRATCH_SLOTS; i++)
     if (s->len[i] > KEEP_MAX)
       free_slot (s, i);

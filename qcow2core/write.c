@@ -143,6 +143,16 @@ q2_zero_buffer (struct q2_image *img)
   return img->zero_buf;
 }
 
+int
+q2_check_entry_in_file (struct q2_image *img, uint64_t gc, uint64_t host)
+{
+  if (has_data_file (img) || host < img->file_size)
+    return 0;
+  return q2_mark_corrupt (img, "L2 entry for guest offset %#llx points at "
+                          "host offset %#llx, past the end of the file",
+                          (unsigned long long) gc, (unsigned long long) host);
+}
+
 /* Queues the release of the host data an L2 entry referenced. */
 int
 q2_release_entry (struct q2_image *img, uint64_t entry)
@@ -305,11 +315,8 @@ plan_write (struct q2_image *img, uint64_t gc, uint64_t a, uint64_t b,
   allocated = !compressed && (d.host_offset != 0 || d.copied);
   owned = allocated && d.copied;
   w->host = d.host_offset;
-  if (allocated && !has_data_file (img) && w->host >= img->file_size)
-    return q2_mark_corrupt (img, "L2 entry for guest offset %#llx points "
-                            "at host offset %#llx, past the end of the "
-                            "file", (unsigned long long) gc,
-                            (unsigned long long) w->host);
+  if (allocated && (r = q2_check_entry_in_file (img, gc, w->host)) < 0)
+    return r;
 
   if (has_data_file (img)) {
     w->host = gc;               /* guest offset == data file offset */

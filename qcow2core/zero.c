@@ -59,14 +59,9 @@ read_state (struct q2_image *img, uint64_t gc, bool for_write,
   s->allocated = !s->compressed && (d.host_offset != 0 || d.copied);
   s->owned = s->allocated && d.copied;
   s->host = d.host_offset;
-  /* As for writes (plan_write): such an entry is corruption, and its
-   * host offset must be neither kept nor freed. */
-  if (for_write && s->allocated && img->data_fd == img->fd &&
-      s->host >= img->file_size)
-    return q2_mark_corrupt (img, "L2 entry for guest offset %#llx points "
-                            "at host offset %#llx, past the end of the "
-                            "file", (unsigned long long) gc,
-                            (unsigned long long) s->host);
+  /* Such a host offset must be neither kept nor freed. */
+  if (for_write && s->allocated)
+    return q2_check_entry_in_file (img, gc, s->host);
   return 0;
 }
 

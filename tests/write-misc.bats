@@ -522,37 +522,36 @@ except nbd.Error as e:
     done
 }
 
+# try_refused IMG PREP OP: serves IMG, runs the python statements PREP,
+# then OP; prints "refused ERRNO" if OP fails, else "SUCCEEDED".
+try_refused ()
+{
+    start_nbdkit "$PLUGIN" file="$1"
+    run nbdsh -u "$uri" -c "
+$2
+try:
+    $3
+    print('SUCCEEDED')
+except nbd.Error as e:
+    print('refused', e.errnum)
+"
+    stop_nbdkit
+}
+
 @test "(o) an L2 entry past the end of the file, met by a write, marks the image corrupt" {
     img="$BATS_TEST_TMPDIR/t.qcow2"
     qemu-img create -q -f qcow2 "$img" 4M
     qio "$img" -c 'write -P 1 0 256k'
     set_l2_entry1 "$img" '(1 << 63) | (end + (64 << 20))'
     cp "$img" "$BATS_TEST_TMPDIR/z.qcow2"
-    start_nbdkit "$PLUGIN" file="$img"
-    run nbdsh -u "$uri" -c "
-h.pwrite(b'a' * 4096, 0)
-try:
-    h.pwrite(b'b' * 4096, 65536)
-    print('WRITE SUCCEEDED')
-except nbd.Error as e:
-    print('refused', e.errnum)
-"
-    stop_nbdkit
+    try_refused "$img" "h.pwrite(b'a' * 4096, 0)" "h.pwrite(b'b' * 4096, 65536)"
     [[ "$output" =~ "refused 5" ]] || { echo "$output" >&3; false; }
     qemu-img info "$img" | grep -q 'corrupt: true'
     # Nothing was written past the end of the file.
     [ "$(stat -c %s "$img")" -lt $((64 << 20)) ]
     # Zeroing that cluster (keeping its host offset) is refused the same way.
     img="$BATS_TEST_TMPDIR/z.qcow2"
-    start_nbdkit "$PLUGIN" file="$img"
-    run nbdsh -u "$uri" -c "
-try:
-    h.zero(65536, 65536)
-    print('ZERO SUCCEEDED')
-except nbd.Error as e:
-    print('refused', e.errnum)
-"
-    stop_nbdkit
+    try_refused "$img" "" "h.zero(65536, 65536)"
     [[ "$output" =~ "refused 5" ]] || { echo "zero: $output" >&3; false; }
     qemu-img info "$img" | grep -q 'corrupt: true'
 }

@@ -146,6 +146,12 @@ json_string (FILE *f, const char *s)
   fputc ('"', f);
 }
 
+const char *
+open_hint (int r)
+{
+  return r == -EBUSY ? " (-U opens it anyway)" : "";
+}
+
 struct q2_image *
 open_image (const char *path, bool writable, bool force_share)
 {
@@ -155,7 +161,7 @@ open_image (const char *path, bool writable, bool force_share)
 
   if ((r = q2_open (path, &opts, &img)) < 0) {
     tool_error ("Could not open '%s': %s%s", path, q2_last_error (),
-                r == -EBUSY && !writable ? " (-U opens it anyway)" : "");
+                writable ? "" : open_hint (r));
     return NULL;
   }
   if (writable && q2_make_writable (img) < 0) {

@@ -1,6 +1,5 @@
 /* qcow2-tool info: what qemu-img info shows, as text or JSON, for the
  * image or its whole backing chain. */
-#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -396,7 +395,7 @@ open_for_info (const char *path, bool share)
     q2_close (hdr);
   }
   tool_error ("Could not open '%s': %s%s", path, msg ? msg : "out of memory",
-              r == -EBUSY ? " (-U opens it anyway)" : "");
+              open_hint (r));
   free (msg);
   return NULL;
 }

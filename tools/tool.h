@@ -38,6 +38,9 @@ void json_string (FILE *f, const char *s);
  * to look at an image another process is using. */
 struct q2_image *open_image (const char *path, bool writable,
                              bool force_share);
+/* What to add to a failed read-only open's message: the -U hint when
+ * the failure (r) was another process's lock. */
+const char *open_hint (int r);
 
 /* Name of a layer as qemu shows it: a relative backing name is joined
  * with the directory part of the name of the image that refers to it.
