@@ -113,23 +113,36 @@ q2_free_later (struct q2_image *img, uint64_t offset, uint64_t length)
   return 0;
 }
 
-/* Gives a cluster whose refcount reached zero back to the file system. */
+/* Gives clusters whose refcount reached zero back to the file system. */
 static void
 punch (struct q2_image *img, uint64_t offset, uint64_t length)
 {
-  if (fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+  if (length > 0 &&
+      fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                  offset, length) == -1) {
     /* Not every file system can punch holes; the space stays used. */
   }
 }
 
+static int
+compare_ranges (const void *x, const void *y)
+{
+  const struct q2_range *a = x, *b = y;
+
+  return a->offset < b->offset ? -1 : a->offset > b->offset;
+}
+
 int
 q2_apply_pending_frees (struct q2_image *img)
 {
-  uint64_t cs = img->cluster_size;
+  uint64_t cs = img->cluster_size, run = 0, run_len = 0;
   size_t i;
   int r = 0;
 
+  /* In file order, so that freed neighbours are punched as one range:
+   * clusters smaller than a file system block free nothing alone. */
+  qsort (img->pending_free, img->nb_pending_free, sizeof *img->pending_free,
+         compare_ranges);
   for (i = 0; i < img->nb_pending_free; i++) {
     const struct q2_range *f = &img->pending_free[i];
     uint64_t c, first = f->offset / cs;
@@ -143,11 +156,17 @@ q2_apply_pending_frees (struct q2_image *img)
       if (rc == 0) {
         /* Stale cached metadata of a freed L2 table must not be reused. */
         q2_cache_discard (img->l2_cache, c * cs, cs);
-        punch (img, c * cs, cs);
+        if (run + run_len != c * cs) {
+          punch (img, run, run_len);
+          run = c * cs;
+          run_len = 0;
+        }
+        run_len += cs;
       }
     }
   }
  out:
+  punch (img, run, run_len);
   /* Whatever was applied is gone from the queue. */
   if (r < 0) {
     memmove (img->pending_free, img->pending_free + i,

@@ -65,6 +65,63 @@ read_state (struct q2_image *img, uint64_t gc, bool for_write,
   return 0;
 }
 
+/* Does [gc+a, gc+b) already read as zeros by its L2 entry alone (zero
+ * flags, or unallocated with nothing below)?  Then zeroing it needs no
+ * write.  An unreadable entry says no: the write path reports it. */
+static bool
+already_zero (struct q2_image *img, uint64_t gc, uint64_t a, uint64_t b)
+{
+  uint64_t entry, bitmap, l2, scs = img->cluster_size / 32;
+  bool below = backing_shows (img, gc + a);
+  unsigned sc, first = 0, last = 0;
+
+  if (q2_get_l2_entry (img, gc, false, &entry, &bitmap, &l2) < 0)
+    return false;
+  if (l2 == 0)
+    return !below;
+  if (img->extended_l2) {
+    first = a / scs;
+    last = (b - 1) / scs;
+  }
+  for (sc = first; sc <= last; sc++) {
+    struct q2_l2_decoded d;
+    if (q2_decode_l2 (img, entry, bitmap, sc, &d) < 0)
+      return false;
+    if (d.type != Q2_ZERO && !(d.type == Q2_UNALLOC && !below))
+      return false;
+  }
+  return true;
+}
+
+/* Writes zeros over [gc+a, gc+b) unless it already reads as zeros. */
+static int
+zero_edge (struct q2_image *img, uint64_t gc, uint64_t a, uint64_t b)
+{
+  if (a >= b || already_zero (img, gc, a, b))
+    return 0;
+  return write_zeros (img, gc + a, b - a);
+}
+
+/* Does the request cover [gc+a, gc+b) of its cluster as a whole?  The
+ * last cluster may extend past the disk: it counts as whole. */
+static bool
+covers_cluster (const struct q2_image *img, uint64_t gc, uint64_t a,
+                uint64_t b)
+{
+  return a == 0 && (b == img->cluster_size || gc + b >= img->virtual_size);
+}
+
+/* Extended L2: the whole subclusters [*sa_off, *sb_end) inside [a, b). */
+static void
+whole_subclusters (const struct q2_image *img, uint64_t gc, uint64_t a,
+                   uint64_t b, uint64_t *sa_off, uint64_t *sb_end)
+{
+  uint64_t scs = img->cluster_size / 32;
+
+  *sa_off = Q2_ROUND_UP (a, scs);
+  *sb_end = gc + b >= img->virtual_size ? b : Q2_ROUND_DOWN (b, scs);
+}
+
 /* Makes one whole guest cluster read as zeros through metadata alone.
  * Returns 1 if that is impossible (v2 with a backing file showing). */
 static int
@@ -125,7 +182,7 @@ static int
 zero_subclusters (struct q2_image *img, uint64_t gc, unsigned sa, unsigned sb)
 {
   struct entry_state s;
-  uint64_t bitmap;
+  uint64_t bitmap, scs = img->cluster_size / 32;
   unsigned i;
   int r;
 
@@ -133,37 +190,73 @@ zero_subclusters (struct q2_image *img, uint64_t gc, unsigned sa, unsigned sb)
     return r;
   if (s.compressed || (s.allocated && !s.owned))
     return 1;
+  if (img->data_fd != img->fd) {
+    /* As for whole clusters: a raw data file must read zeros too. */
+    uint64_t off = gc + (uint64_t) sa * scs;
+    uint64_t len = Q2_MIN ((uint64_t) (sb - sa + 1) * scs,
+                           img->virtual_size - off);
+    if ((r = q2_zero_host (img, img->data_fd, off, len)) < 0)
+      return r;
+  }
   bitmap = s.bitmap;
   for (i = sa; i <= sb; i++)
     bitmap = (bitmap & ~(1ULL << i)) | (1ULL << (32 + i));
   return q2_set_l2_entry (img, s.l2, gc, s.entry, bitmap);
 }
 
-/* Would zeroing [offset, offset+len) need a data write?  (FAST_ZERO) */
+/* Would zeroing [offset, offset+len) need a data write?  (FAST_ZERO)
+ * Mirrors zero_locked's choices without changing anything. */
 static bool
 needs_data_write (struct q2_image *img, uint64_t offset, uint64_t len)
 {
-  uint64_t cs = img->cluster_size;
-  uint64_t unit = img->extended_l2 ? cs / 32 : cs;
-  uint64_t end = offset + len, pos;
+  uint64_t cs = img->cluster_size, end = offset + len, gc;
 
-  if (!Q2_IS_ALIGNED (offset, unit) ||
-      (!Q2_IS_ALIGNED (end, unit) && end != img->virtual_size))
-    return true;
-  if (img->hdr.version < 3)
-    for (pos = Q2_ROUND_DOWN (offset, cs); pos < end; pos += cs)
-      if (backing_shows (img, pos))
+  for (gc = Q2_ROUND_DOWN (offset, cs); gc < end; gc += cs) {
+    uint64_t a = offset > gc ? offset - gc : 0, b = Q2_MIN (cs, end - gc);
+    uint64_t sa_off, sb_end;
+    struct entry_state s;
+
+    if (covers_cluster (img, gc, a, b)) {
+      if (img->hdr.version < 3 && backing_shows (img, gc))
         return true;
-  if (img->extended_l2)
-    for (pos = Q2_ROUND_DOWN (offset, cs); pos < end; pos += cs) {
-      struct entry_state s;
-      if (pos >= offset && pos + cs <= end)
-        continue;               /* whole clusters are metadata-only */
-      if (read_state (img, pos, false, &s) < 0 ||
-          s.compressed || (s.allocated && !s.owned))
-        return true;
+      continue;
     }
+    if (already_zero (img, gc, a, b))
+      continue;
+    if (!img->extended_l2)
+      return true;
+    whole_subclusters (img, gc, a, b, &sa_off, &sb_end);
+    if (sa_off >= sb_end ||
+        (a < sa_off && !already_zero (img, gc, a, sa_off)) ||
+        (sb_end < b && !already_zero (img, gc, sb_end, b)))
+      return true;
+    if (read_state (img, gc, false, &s) < 0 ||
+        s.compressed || (s.allocated && !s.owned))
+      return true;
+  }
   return false;
+}
+
+/* Extended L2, part of one cluster: whole subclusters by their zero
+ * bits, the partial ones at the edges by writing zeros. */
+static int
+zero_partial_extended (struct q2_image *img, uint64_t gc, uint64_t a,
+                       uint64_t b)
+{
+  uint64_t scs = img->cluster_size / 32, sa_off, sb_end;
+  int r;
+
+  whole_subclusters (img, gc, a, b, &sa_off, &sb_end);
+  if (sa_off >= sb_end)
+    return zero_edge (img, gc, a, b);
+  r = zero_subclusters (img, gc, sa_off / scs, (sb_end - 1) / scs);
+  if (r == 1)                   /* compressed or shared: one data write */
+    return write_zeros (img, gc + a, b - a);
+  if (r == 0)
+    r = zero_edge (img, gc, a, sa_off);
+  if (r == 0)
+    r = zero_edge (img, gc, sb_end, b);
+  return r;
 }
 
 static int
@@ -179,37 +272,16 @@ zero_locked (struct q2_image *img, uint64_t offset, uint64_t len,
     uint64_t gc = Q2_ROUND_DOWN (offset, cs);
     uint64_t a = offset - gc;
     uint64_t b = Q2_MIN (cs, end - gc);
-    /* The last cluster may extend past the disk: it counts as whole. */
-    bool whole = a == 0 && (b == cs || gc + b >= img->virtual_size);
 
-    if (whole) {
+    if (covers_cluster (img, gc, a, b)) {
       r = zero_cluster (img, gc, may_trim, false);
       if (r == 1)
         r = write_zeros (img, gc, b);
     }
-    else if (img->extended_l2) {
-      uint64_t scs = cs / 32;
-      uint64_t sa_off = Q2_ROUND_UP (a, scs);
-      uint64_t sb_end = gc + b >= img->virtual_size ? b : Q2_ROUND_DOWN (b, scs);
-      r = 0;
-      if (sa_off < sb_end) {
-        r = zero_subclusters (img, gc, sa_off / scs, (sb_end - 1) / scs);
-        if (r == 1) {
-          r = write_zeros (img, offset, b - a);
-          sa_off = sb_end = b;  /* all written */
-        }
-        else if (r == 0) {
-          if (a < sa_off)
-            r = write_zeros (img, offset, sa_off - a);
-          if (r == 0 && sb_end < b)
-            r = write_zeros (img, gc + sb_end, b - sb_end);
-        }
-      }
-      else
-        r = write_zeros (img, offset, b - a);
-    }
+    else if (img->extended_l2)
+      r = zero_partial_extended (img, gc, a, b);
     else
-      r = write_zeros (img, offset, b - a);
+      r = zero_edge (img, gc, a, b);
     if (r < 0)
       return r;
     offset = gc + b;

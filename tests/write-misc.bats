@@ -603,3 +603,80 @@ except nbd.Error as e:
     qcheck "$loop"
     qio "$loop" -c 'read -P 0x5a 12345 70000' -c 'read -P 0x5b 1M 512'
 }
+
+@test "(s) trim gives space back with clusters smaller than a file system block (512 B)" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 -o cluster_size=512 "$img" 16M
+    start_nbdkit "$PLUGIN" file="$img"
+    nbdsh -u "$uri" -c 'h.pwrite(b"\x42" * (8 << 20), 0)' -c 'h.flush()'
+    sync "$img"
+    local du_full; du_full="$(du -k "$img" | cut -f1)"
+    # in random order: freed neighbours must still be punched together
+    nbdsh -u "$uri" -c '
+import random
+r = random.Random(7)
+chunks = list(range(0, 8 << 20, 64 << 10))
+r.shuffle(chunks)
+for c in chunks:
+    h.trim(64 << 10, c)
+h.flush()'
+    stop_nbdkit
+    sync "$img"
+    local du_trim; du_trim="$(du -k "$img" | cut -f1)"
+    echo "# du -k: full=$du_full after trim=$du_trim" >&3
+    qcheck "$img"
+    [ "$du_full" -ge $((8 * 1024)) ]
+    # the metadata of 16 MiB of 512 B clusters is about 1.2 MiB
+    [ "$du_trim" -le 2048 ]
+    qio "$img" -c 'read -P 0 0 16M'
+}
+
+@test "(t) extended_l2 with a raw data file: zeroing subclusters zeroes the data file too" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    local data="$BATS_TEST_TMPDIR/data.raw" guest="$BATS_TEST_TMPDIR/guest.raw"
+    qemu-img create -q -f qcow2 -o cluster_size=65536,extended_l2=on,data_file="$data",data_file_raw=on "$img" 1M
+    qio "$img" -c 'write -P 0x55 0 1M'
+    start_nbdkit "$PLUGIN" file="$img"
+    # whole subclusters (2 KiB) and a whole cluster, with and without trim
+    nbdsh -u "$uri" -c 'h.zero(2048, 0)' -c 'h.zero(6144, 67584)' \
+        -c 'h.zero(65536, 196608, nbd.CMD_FLAG_NO_HOLE)' -c 'h.zero(10240, 1038336)' -c 'h.flush()'
+    stop_nbdkit
+    qcheck "$img"
+    qemu-img convert -O raw "$img" "$guest"
+    # the raw data file reads exactly as the guest disk
+    cmp "$guest" "$data"
+    qio "$img" -c 'read -P 0 0 2k' -c 'read -P 0x55 2k 64k' -c 'read -P 0 66k 6k' \
+        -c 'read -P 0x55 72k 120k' -c 'read -P 0 192k 64k' -c 'read -P 0x55 256k 758k' \
+        -c 'read -P 0 1014k 10k'
+}
+
+@test "(u) an unaligned zero over a range that already reads as zeros allocates nothing, and FAST_ZERO succeeds" {
+    local opts
+    for opts in compat=1.1 compat=0.10 extended_l2=on cluster_size=2M; do
+        img="$BATS_TEST_TMPDIR/t.qcow2"
+        rm -f "$img"
+        qemu-img create -q -f qcow2 -o "$opts" "$img" 8M
+        qio "$img" -c 'write -P 0x11 4M 64k' -c 'write -z 6M 64k'
+        read -r before _ < <(mapsum "$img" 0 $((8 << 20)))
+        start_nbdkit "$PLUGIN" file="$img"
+        nbdsh -u "$uri" -c '
+h.zero(1000, 100, nbd.CMD_FLAG_FAST_ZERO)          # unallocated
+h.zero(100000, 70000, nbd.CMD_FLAG_FAST_ZERO)      # unallocated, two clusters
+h.zero(1000, (6 << 20) + 4000)                      # zero-flagged (v3)
+h.zero(300, (4 << 20) + 100)                        # allocated: written
+assert h.pread(4096, 4 << 20) == b"\x11" * 100 + bytes(300) + b"\x11" * 3696
+try:
+    h.zero(100, (4 << 20) + 8192, nbd.CMD_FLAG_FAST_ZERO)
+    assert False, "FAST_ZERO inside an allocated cluster succeeded"
+except nbd.Error as e:
+    assert e.errno == "ENOTSUP", e.errno
+h.flush()'
+        stop_nbdkit
+        qcheck "$img"
+        read -r after _ < <(mapsum "$img" 0 $((8 << 20)))
+        echo "# $opts: data before=$before after=$after" >&3
+        [ "$after" -eq "$before" ]
+        qio "$img" -c 'read -P 0 0 4M' -c 'read -P 0x11 4M 100' -c 'read -P 0 4194404 300' \
+            -c 'read -P 0x11 4194704 65136' -c 'read -P 0 4259840 3968k'
+    done
+}
