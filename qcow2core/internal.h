@@ -539,6 +539,9 @@ int q2_install_reftable (struct q2_image *img, uint64_t *table,
                          uint64_t nb_blocks);
 /* Before the first change: clears autoclear bits on disk. */
 int q2_prepare_write (struct q2_image *img);
+/* The same before a change that leaves the guest's data alone:
+ * persistent bitmaps are kept. */
+int q2_prepare_meta_write (struct q2_image *img);
 int q2_flush_locked (struct q2_image *img);
 int q2_write_header_field (struct q2_image *img, uint64_t offset,
                            const void *data, size_t len);

@@ -258,10 +258,16 @@ drop_bitmaps_extension (struct q2_image *img)
   return r;
 }
 
-int
-q2_prepare_write (struct q2_image *img)
+/* Clears the autoclear bits we do not keep up to date.  Persistent
+ * bitmaps stay valid across changes that leave the guest's data alone
+ * (snapshot create and delete), so those keep them. */
+static int
+prepare (struct q2_image *img, bool data_changes)
 {
   uint64_t keep = QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+  bool bitmaps;
+  uint8_t b[8];
+  int r;
 
   if (img->readonly)
     return q2_err (EROFS, "the image is open read-only");
@@ -270,29 +276,42 @@ q2_prepare_write (struct q2_image *img)
                    "until it is repaired");
   if (img->header_touched)
     return 0;
-  /* We do not keep persistent bitmaps up to date: clearing the
-   * autoclear bits tells QEMU so. */
+  bitmaps = img->hdr.has_bitmaps_ext &&
+    (img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS);
+  if (!data_changes && bitmaps)
+    keep |= QCOW2_AUTOCLEAR_BITMAPS;
   if (img->hdr.version >= 3 && (img->hdr.autoclear_features & ~keep)) {
-    bool bitmaps = img->hdr.has_bitmaps_ext &&
-      (img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS);
-    uint8_t b[8];
-    int r;
     /* The bitmaps' clusters are released too, or they would show up as
      * leaks once QEMU stops trusting the bitmaps. */
-    if (bitmaps && (r = q2_bitmap_clusters (img, free_range, img)) < 0)
+    if (data_changes && bitmaps &&
+        (r = q2_bitmap_clusters (img, free_range, img)) < 0)
       return r;
     img->hdr.autoclear_features &= keep;
     q2_put_be64 (b, img->hdr.autoclear_features);
     if ((r = q2_write_header_field (img, 88, b, 8)) < 0)
       return r;
-    if (bitmaps) {
+    if (data_changes && bitmaps) {
       if ((r = drop_bitmaps_extension (img)) < 0)
         return r;
       img->hdr.has_bitmaps_ext = false;
     }
   }
-  img->header_touched = true;
+  /* Kept bitmaps must still be dropped by a later data write. */
+  if (data_changes || !bitmaps)
+    img->header_touched = true;
   return 0;
+}
+
+int
+q2_prepare_write (struct q2_image *img)
+{
+  return prepare (img, true);
+}
+
+int
+q2_prepare_meta_write (struct q2_image *img)
+{
+  return prepare (img, false);
 }
 
 static int

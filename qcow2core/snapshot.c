@@ -271,11 +271,14 @@ write_table (struct q2_image *img, struct q2_snapshot *snaps, uint32_t n)
   return 0;
 }
 
-/* Adds delta to the refcount of every L2 table and data cluster a tree
- * reaches (compressed clusters by byte range). */
+/* Calls fn for every cluster range a tree references: each L2 table,
+ * each data cluster, each compressed cluster's byte range. */
+typedef int (*tree_fn) (struct q2_image *img, uint64_t first, uint64_t last,
+                        void *opaque);
+
 static int
-update_tree_refcounts (struct q2_image *img, const uint64_t *l1,
-                       uint32_t l1_size, int delta)
+walk_tree (struct q2_image *img, const uint64_t *l1, uint32_t l1_size,
+           tree_fn fn, void *opaque)
 {
   uint64_t cs = img->cluster_size, n = 1ULL << img->l2_bits, j;
   bool data_file = img->data_fd != img->fd;
@@ -297,29 +300,97 @@ update_tree_refcounts (struct q2_image *img, const uint64_t *l1,
     r = q2_io_pread (img->fd, buf, cs, l2, false, "L2 table");
     for (j = 0; r == 0 && j < n; j++) {
       uint64_t e = q2_be64 (buf + j * img->l2_entry_size);
-      uint64_t first, last, c;
       if (e & QCOW_OFLAG_COMPRESSED) {
         uint64_t off = e & img->coffset_mask;
         uint64_t nb = ((e >> img->csize_shift) & img->csize_mask) + 1;
-        first = off / cs;
-        last = (off + nb * 512 - (off & 511) - 1) / cs;
+        r = fn (img, off / cs, (off + nb * 512 - (off & 511) - 1) / cs,
+                opaque);
       }
       else if ((e & L2E_OFFSET_MASK) && !data_file)
-        first = last = (e & L2E_OFFSET_MASK) / cs;
-      else
-        continue;
-      /* Decrements go through the free queue, which also punches
-       * clusters that become free. */
-      if (delta < 0)
-        r = q2_free_later (img, first * cs, (last - first + 1) * cs);
-      for (c = first; delta > 0 && r == 0 && c <= last; c++)
-        r = q2_refcount_update (img, c, delta);
+        r = fn (img, (e & L2E_OFFSET_MASK) / cs, (e & L2E_OFFSET_MASK) / cs,
+                opaque);
     }
     if (r == 0)
-      r = delta < 0 ? q2_free_later (img, l2, cs) :
-        q2_refcount_update (img, l2 / cs, delta);
+      r = fn (img, l2 / cs, l2 / cs, opaque);
   }
   free (buf);
+  return r;
+}
+
+static int
+add_reference (struct q2_image *img, uint64_t first, uint64_t last,
+               void *opaque)
+{
+  uint64_t c;
+  int r = 0;
+
+  for (c = first; r == 0 && c <= last; c++)
+    r = q2_refcount_update (img, c, 1);
+  return r;
+}
+
+/* Decrements go through the free queue, which also punches clusters
+ * that become free. */
+static int
+drop_reference (struct q2_image *img, uint64_t first, uint64_t last,
+                void *opaque)
+{
+  return q2_free_later (img, first * img->cluster_size,
+                        (last - first + 1) * img->cluster_size);
+}
+
+/* References one tree adds, per cluster of the file (a cluster can hold
+ * several compressed clusters, so counts go past 1). */
+struct headroom {
+  uint16_t *adds;
+  uint64_t nb;
+};
+
+static int
+count_reference (struct q2_image *img, uint64_t first, uint64_t last,
+                 void *opaque)
+{
+  struct headroom *h = opaque;
+  uint64_t c;
+
+  if (last >= h->nb)
+    return q2_mark_corrupt (img, "a reference to host cluster %llu is past "
+                            "the end of the file", (unsigned long long) last);
+  for (c = first; c <= last; c++)
+    if (h->adds[c] < UINT16_MAX)
+      h->adds[c]++;
+  return 0;
+}
+
+/* Would one more reference to the tree overflow a refcount?  Checked
+ * before anything changes, so that a refused operation leaves no trace
+ * (with 1-bit refcounts no cluster can ever be shared). */
+static int
+check_headroom (struct q2_image *img, const uint64_t *l1, uint32_t l1_size)
+{
+  uint64_t max = img->refcount_bits == 64 ? UINT64_MAX :
+    (1ULL << img->refcount_bits) - 1;
+  struct headroom h;
+  uint64_t c;
+  int r;
+
+  h.nb = (img->file_size + img->cluster_size - 1) >> img->cluster_bits;
+  h.adds = calloc (h.nb ? h.nb : 1, sizeof *h.adds);
+  if (h.adds == NULL)
+    return q2_err (ENOMEM, "out of memory counting references");
+  r = walk_tree (img, l1, l1_size, count_reference, &h);
+  for (c = 0; r == 0 && c < h.nb; c++) {
+    uint64_t rc;
+    if (h.adds[c] == 0)
+      continue;
+    if ((r = q2_refcount_get (img, c, &rc)) < 0)
+      break;
+    if (rc > max - h.adds[c])
+      r = q2_err (EOVERFLOW, "host cluster %llu would need more references "
+                  "than %u-bit refcounts can hold", (unsigned long long) c,
+                  img->refcount_bits);
+  }
+  free (h.adds);
   return r;
 }
 
@@ -343,17 +414,83 @@ finish (struct q2_image *img)
   return r;
 }
 
+/* What every operation needs; snapshot create and delete leave the
+ * guest's data alone, so persistent bitmaps stay valid through them. */
 static int
-check_snapshot_allowed (struct q2_image *img)
+check_allowed (struct q2_image *img, bool data_changes)
 {
-  int r = q2_prepare_write (img);
+  int r = data_changes ? q2_prepare_write (img) : q2_prepare_meta_write (img);
 
   if (r < 0)
     return r;
   if (img->data_fd != img->fd)
     return q2_err (ENOTSUP, "images with an external data file cannot have "
                    "internal snapshots");
-  return q2_flush_locked (img);
+  return 0;
+}
+
+/* Delete looks a name up first, as 'qemu-img snapshot -d' does (it
+ * knows names only); an ID is accepted when no name matches. */
+static int
+find_for_delete (const struct q2_image *img, const char *name_or_id)
+{
+  uint32_t i;
+
+  for (i = 0; i < img->nb_snapshots; i++)
+    if (strcmp (img->snapshots[i].name, name_or_id) == 0)
+      return i;
+  return q2_snapshot_find (img, name_or_id);
+}
+
+/* The checks before each operation change nothing: a refused
+ * operation leaves the image as it was. */
+static int
+check_create (struct q2_image *img, const char *name)
+{
+  int r = check_allowed (img, false);
+
+  if (r < 0)
+    return r;
+  if (img->nb_snapshots >= QCOW2_MAX_SNAPSHOTS)
+    return q2_err (ENOSPC, "too many snapshots (at most %d)",
+                   QCOW2_MAX_SNAPSHOTS);
+  if (strlen (name) > UINT16_MAX)
+    return q2_err (EINVAL, "snapshot name is longer than %d bytes",
+                   UINT16_MAX);
+  return check_headroom (img, img->l1, img->l1_size);
+}
+
+static int
+check_delete (struct q2_image *img, const char *name_or_id)
+{
+  int r = check_allowed (img, false);
+
+  return r < 0 ? r : find_for_delete (img, name_or_id);
+}
+
+static int
+check_apply (struct q2_image *img, const char *name_or_id)
+{
+  const struct q2_snapshot *s;
+  uint64_t *sl1;
+  int idx, r;
+
+  if (img->hdr.has_bitmaps_ext &&
+      (img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
+    return q2_err (EBUSY, "the image has persistent dirty bitmaps, which "
+                   "reverting would make wrong (remove them first, as "
+                   "qemu-img requires)");
+  if ((r = check_allowed (img, true)) < 0)
+    return r;
+  if ((idx = q2_snapshot_find (img, name_or_id)) < 0)
+    return idx;
+  s = &img->snapshots[idx];
+  if ((r = q2_read_table (img, s->l1_offset, s->l1_size,
+                            "snapshot L1 table", &sl1)) < 0)
+    return r;
+  r = check_headroom (img, sl1, s->l1_size);
+  free (sl1);
+  return r;
 }
 
 static int
@@ -383,17 +520,6 @@ create_locked (struct q2_image *img, const char *name)
   uint32_t i;
   int r;
 
-  if ((r = check_snapshot_allowed (img)) < 0)
-    return r;
-  if (img->nb_snapshots >= QCOW2_MAX_SNAPSHOTS)
-    return q2_err (ENOSPC, "too many snapshots (at most %d)",
-                   QCOW2_MAX_SNAPSHOTS);
-  if (strlen (name) == 0 || strlen (name) > 1023)
-    return q2_err (EINVAL, "snapshot name must have 1 to 1023 bytes");
-  for (i = 0; i < img->nb_snapshots; i++)
-    if (strcmp (img->snapshots[i].name, name) == 0)
-      return q2_err (EEXIST, "a snapshot named '%s' already exists", name);
-
   /* 1. A copy of the active L1 in new clusters. */
   l1_bytes = (uint64_t) img->l1_size * 8;
   off = 0;
@@ -412,7 +538,7 @@ create_locked (struct q2_image *img, const char *name)
       return r;
   }
   /* 2. The tree gains a reference; COPIED goes from the active tree. */
-  if ((r = update_tree_refcounts (img, img->l1, img->l1_size, 1)) < 0 ||
+  if ((r = walk_tree (img, img->l1, img->l1_size, add_reference, NULL)) < 0 ||
       (r = finish (img)) < 0)
     return r;
 
@@ -432,7 +558,7 @@ create_locked (struct q2_image *img, const char *name)
   s->date_sec = now.tv_sec;
   s->date_nsec = now.tv_nsec;
   s->disk_size = img->hdr.size;
-  s->icount = UINT64_MAX;
+  s->icount = 0;               /* as qemu-img records it */
   s->extra_size = 24;
   s->extra = calloc (1, 24);
   if (s->id == NULL || s->name == NULL || s->extra == NULL) {
@@ -459,9 +585,7 @@ delete_locked (struct q2_image *img, const char *name_or_id)
   uint64_t *l1;
   int i, r;
 
-  if ((r = check_snapshot_allowed (img)) < 0)
-    return r;
-  if ((i = q2_snapshot_find (img, name_or_id)) < 0)
+  if ((i = find_for_delete (img, name_or_id)) < 0)
     return i;
   gone = img->snapshots[i];
   if ((r = q2_read_table (img, gone.l1_offset, gone.l1_size,
@@ -490,7 +614,7 @@ delete_locked (struct q2_image *img, const char *name_or_id)
 
   /* 2. Its tree and L1 lose a reference (nothing on disk points there
    * any more, so the decrements need not wait). */
-  r = update_tree_refcounts (img, l1, gone.l1_size, -1);
+  r = walk_tree (img, l1, gone.l1_size, drop_reference, NULL);
   free (l1);
   if (r == 0 && gone.l1_size)
     r = q2_free_later (img, gone.l1_offset, (uint64_t) gone.l1_size * 8);
@@ -548,8 +672,6 @@ apply_locked (struct q2_image *img, const char *name_or_id)
   uint32_t i;
   int idx, r;
 
-  if ((r = check_snapshot_allowed (img)) < 0)
-    return r;
   if ((idx = q2_snapshot_find (img, name_or_id)) < 0)
     return idx;
   s = &img->snapshots[idx];
@@ -560,7 +682,7 @@ apply_locked (struct q2_image *img, const char *name_or_id)
     goto out;
 
   /* 1. The snapshot's tree gains the active reference first. */
-  if ((r = update_tree_refcounts (img, sl1, s->l1_size, 1)) < 0 ||
+  if ((r = walk_tree (img, sl1, s->l1_size, add_reference, NULL)) < 0 ||
       (r = q2_flush_locked (img)) < 0)
     goto out;
   /* 2. The active L1 becomes the snapshot's, in place and synced. */
@@ -590,7 +712,7 @@ apply_locked (struct q2_image *img, const char *name_or_id)
     img->virtual_size = Q2_ROUND_DOWN (s->disk_size, 512);
   }
   /* 3. The old tree loses its reference; 4. COPIED is recomputed. */
-  r = update_tree_refcounts (img, old, img->l1_size, -1);
+  r = walk_tree (img, old, img->l1_size, drop_reference, NULL);
   free (old);
   if (r == 0)
     r = finish (img);
@@ -605,15 +727,15 @@ apply_locked (struct q2_image *img, const char *name_or_id)
  * crash leaves it dirty, and the next read-write open (ours or QEMU's)
  * rebuilds refcounts and COPIED flags from the tables. */
 static int
-locked (struct q2_image *img, int (*fn) (struct q2_image *, const char *),
-        const char *arg)
+locked (struct q2_image *img, int (*check) (struct q2_image *, const char *),
+        int (*fn) (struct q2_image *, const char *), const char *arg)
 {
   int r;
 
   pthread_rwlock_wrlock (&img->io_lock);
   q2_wait_no_inflight_locked (img);
-  r = q2_prepare_write (img);
-  if (r == 0)
+  r = check (img, arg);
+  if (r >= 0)
     r = q2_flush_locked (img);
   if (r == 0)
     r = q2_set_dirty (img, true);
@@ -631,17 +753,17 @@ locked (struct q2_image *img, int (*fn) (struct q2_image *, const char *),
 int
 q2_snapshot_create (struct q2_image *img, const char *name)
 {
-  return locked (img, create_locked, name);
+  return locked (img, check_create, create_locked, name);
 }
 
 int
 q2_snapshot_delete (struct q2_image *img, const char *name_or_id)
 {
-  return locked (img, delete_locked, name_or_id);
+  return locked (img, check_delete, delete_locked, name_or_id);
 }
 
 int
 q2_snapshot_apply (struct q2_image *img, const char *name_or_id)
 {
-  return locked (img, apply_locked, name_or_id);
+  return locked (img, check_apply, apply_locked, name_or_id);
 }

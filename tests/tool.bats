@@ -616,3 +616,74 @@ same_check_status ()
     [[ "$output" == *"Must be between 0 and 9223372036854775807"* ]]
     [ ! -e z.qcow2 ]
 }
+
+# isdirty IMG: prints the dirty bit (incompatible feature bit 0) of IMG.
+isdirty ()
+{
+    /usr/bin/python3 -c '
+import struct, sys
+with open(sys.argv[1], "rb") as f:
+    f.seek(72)
+    print(struct.unpack(">Q", f.read(8))[0] & 1)' "$1"
+}
+
+@test "tool snapshot: a snapshot refcounts cannot hold is refused before the image changes" {
+    # 1-bit refcounts: no cluster can be shared at all
+    qemu-img create -q -f qcow2 -o refcount_bits=1 a.qcow2 4M
+    qemu-io -c "write -P 1 0 128k" a.qcow2 > /dev/null
+    cp a.qcow2 before.qcow2
+    run -1 "$TOOL" snapshot -c s1 a.qcow2
+    [[ "$output" == *"refcounts can hold"* ]]
+    cmp a.qcow2 before.qcow2
+    # 2-bit refcounts: the third snapshot overflows a cluster the first
+    # two share, after a fresh cluster that would not overflow
+    qemu-img create -q -f qcow2 -o refcount_bits=2 b.qcow2 4M
+    qemu-io -c "write -P 1 1M 64k" b.qcow2 > /dev/null
+    "$TOOL" snapshot -c s1 b.qcow2
+    "$TOOL" snapshot -c s2 b.qcow2
+    qemu-io -c "write -P 2 0 64k" b.qcow2 > /dev/null
+    cp b.qcow2 before.qcow2
+    run -1 "$TOOL" snapshot -c s3 b.qcow2
+    [[ "$output" == *"refcounts can hold"* ]]
+    cmp b.qcow2 before.qcow2
+    [ "$(isdirty b.qcow2)" = 0 ]
+    run -0 qemu-img check b.qcow2
+}
+
+@test "tool snapshot: names and IDs as qemu-img treats them; icount; bitmaps kept" {
+    qemu-img create -q -f qcow2 a.qcow2 4M
+    qemu-io -c "write -P 1 0 64k" a.qcow2 > /dev/null
+    "$TOOL" snapshot -c first a.qcow2          # ID 1
+    "$TOOL" snapshot -c 1 a.qcow2              # ID 2, named like ID 1
+    "$TOOL" snapshot -c first a.qcow2          # ID 3, a repeated name
+    "$TOOL" snapshot -c "" a.qcow2             # ID 4, no name
+    run -0 qemu-img snapshot -l a.qcow2
+    [ "$(grep -c ' first ' <<<"$output")" -eq 2 ]
+    # qemu-img records icount 0, and so do we
+    qemu-img info --output=json a.qcow2 | /usr/bin/python3 -c '
+import json, sys
+sn = json.load(sys.stdin)["snapshots"]
+assert [s["id"] for s in sn] == ["1", "2", "3", "4"], sn
+assert all(s.get("icount") == 0 for s in sn), sn'
+    # -d looks the name up first, as qemu-img: "1" is ID 2
+    cp a.qcow2 q.qcow2
+    "$TOOL" snapshot -d 1 a.qcow2
+    qemu-img snapshot -d 1 q.qcow2
+    [ "$(qemu-img snapshot -l a.qcow2 | awk 'NR>2{print $1}')" = \
+      "$(qemu-img snapshot -l q.qcow2 | awk 'NR>2{print $1}')" ]
+    [ "$(qemu-img snapshot -l a.qcow2 | awk 'NR>2{print $1}' | tr '\n' ' ')" = "1 3 4 " ]
+    # -d falls back to an ID; -a looks the ID up first
+    "$TOOL" snapshot -d 4 a.qcow2
+    run -0 "$TOOL" snapshot -a 1 a.qcow2
+    run -0 qemu-img check a.qcow2
+
+    # persistent bitmaps survive create and delete; apply is refused
+    qemu-img bitmap --add a.qcow2 b0
+    "$TOOL" snapshot -c withmap a.qcow2
+    "$TOOL" snapshot -d 3 a.qcow2
+    run -1 "$TOOL" snapshot -a withmap a.qcow2
+    [[ "$output" == *bitmaps* ]]
+    run -0 qemu-img info --output=json a.qcow2
+    [[ "$output" == *'"name": "b0"'* ]]
+    run -0 qemu-img check a.qcow2
+}

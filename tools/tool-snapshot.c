@@ -13,7 +13,7 @@ static const char snapshot_help[] =
   "  -l        list the snapshots\n"
   "  -c NAME   create a snapshot of the current state\n"
   "  -a NAME   apply (revert to) the snapshot with this ID or name\n"
-  "  -d NAME   delete the snapshot with this ID or name\n"
+  "  -d NAME   delete the snapshot with this name (or else ID)\n"
   "  -q        quiet\n";
 
 void print_snapshot_table (struct q2_image *img);
