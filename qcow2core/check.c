@@ -56,7 +56,11 @@ walk_l2 (struct walk *w, uint64_t l2_off, uint8_t *buf)
     }
     else {
       uint64_t host = e & L2E_OFFSET_MASK;
-      if (host && !data_file) {
+      /* An unaligned offset under the zero flag is no reference: the
+       * repair turns it into a plain zero cluster, as QEMU's does. */
+      bool zero_flag = !img->extended_l2 && (e & QCOW_OFLAG_ZERO);
+      if (host && !data_file &&
+          !(zero_flag && !Q2_IS_ALIGNED (host, img->cluster_size))) {
         if (!Q2_IS_ALIGNED (host, img->cluster_size))
           return q2_err (EIO, "L2 table at %#llx, entry %llu: unaligned "
                          "data cluster offset %#llx",
@@ -180,12 +184,10 @@ inc_range (void *opaque, uint64_t off, uint64_t len, const char *what)
 }
 
 int
-q2_count_references (struct q2_image *img, bool with_refcount_structures,
-                     uint32_t **refs, uint64_t *nb)
+q2_count_references (struct q2_image *img, uint32_t **refs, uint64_t *nb)
 {
   struct walk w = { .img = img };
   uint8_t *buf;
-  uint64_t i;
   int r;
 
   w.nb = (img->file_size + img->cluster_size - 1) >> img->cluster_bits;
@@ -214,15 +216,6 @@ q2_count_references (struct q2_image *img, bool with_refcount_structures,
              "encryption header");
   if (r == 0)
     r = q2_bitmap_clusters (img, inc_range, &w);
-  if (r == 0 && with_refcount_structures) {
-    r = inc (&w, img->hdr.refcount_table_offset,
-             (uint64_t) img->hdr.refcount_table_clusters * img->cluster_size,
-             "refcount table");
-    for (i = 0; r == 0 && i < img->reftable_entries; i++)
-      if (img->reftable[i] & REFT_OFFSET_MASK)
-        r = inc (&w, img->reftable[i] & REFT_OFFSET_MASK, img->cluster_size,
-                 "refcount block");
-  }
   free (buf);
   if (r < 0) {
     free (w.refs);
@@ -331,7 +324,7 @@ q2_rebuild_refcounts (struct q2_image *img)
 
   if ((r = q2_cache_flush (img->l2_cache)) < 0)
     return r;
-  if ((r = q2_count_references (img, false, &refs, &nb)) < 0)
+  if ((r = q2_count_references (img, &refs, &nb)) < 0)
     return r;
   max = img->refcount_bits == 64 ? UINT64_MAX :
     (1ULL << img->refcount_bits) - 1;

@@ -20,7 +20,9 @@ struct pass {
   bool quiet;                   /* report only repairs */
   bool fix_leaks;
   bool refs_ok;                 /* the reference walk completed */
+  bool rebuild;                 /* refcount structures are broken */
   uint64_t leaks, corruptions, leaks_fixed;
+  uint64_t copied_errors;       /* part of corruptions */
   uint64_t image_end_offset;
   uint64_t allocated, fragmented, compressed;
 };
@@ -41,6 +43,55 @@ report (const struct pass *p, bool always, const char *fmt, ...)
   vsnprintf (msg, sizeof msg, fmt, ap);
   va_end (ap);
   p->out->report (p->out->opaque, msg);
+}
+
+/* Counts the refcount table and blocks.  A block must be a valid
+ * cluster that nothing else uses; otherwise fixing leaks would write
+ * into whatever shares it, and only a rebuild can repair. */
+static void
+count_refcount_structures (struct pass *p, uint32_t *refs, uint64_t nb)
+{
+  struct q2_image *img = p->img;
+  uint64_t cs = img->cluster_size, i, c;
+  uint64_t first = img->hdr.refcount_table_offset / cs;
+
+  for (c = first; c < first + img->hdr.refcount_table_clusters && c < nb; c++)
+    if (refs[c] != UINT32_MAX)
+      refs[c]++;
+  for (i = 0; i < img->reftable_entries; i++) {
+    uint64_t e = img->reftable[i], off = e & REFT_OFFSET_MASK;
+    const char *bad = NULL;
+    if (e & ~REFT_OFFSET_MASK) {
+      p->corruptions++;
+      p->rebuild = true;
+      report (p, false, "ERROR refcount table entry %llu has reserved bits "
+              "set", (unsigned long long) i);
+    }
+    if (off == 0)
+      continue;
+    if (!Q2_IS_ALIGNED (off, cs))
+      bad = "is not cluster aligned";
+    else if (off / cs >= nb)
+      bad = "is outside the image";
+    if (bad) {
+      p->corruptions++;
+      p->rebuild = true;
+      report (p, false, "ERROR refcount block %llu %s (offset %#llx)",
+              (unsigned long long) i, bad, (unsigned long long) off);
+    }
+    else if (refs[off / cs] != UINT32_MAX)
+      refs[off / cs]++;
+  }
+  for (i = 0; i < img->reftable_entries; i++) {
+    uint64_t off = img->reftable[i] & REFT_OFFSET_MASK;
+    if (off && Q2_IS_ALIGNED (off, cs) && off / cs < nb &&
+        refs[off / cs] != 1) {
+      p->corruptions++;
+      p->rebuild = true;
+      report (p, false, "ERROR refcount block %llu refcount=%u",
+              (unsigned long long) i, refs[off / cs]);
+    }
+  }
 }
 
 /* Compares every refcount with the references; leaks are dropped to
@@ -105,11 +156,24 @@ refcount_of (struct pass *p, uint64_t host, uint64_t *rc)
     *rc = 0;                    /* already reported as a broken block */
 }
 
-/* Checks one active L2 table: valid entries, and COPIED exactly where
- * a cluster's refcount is 1. */
+/* COPIED must be set exactly where the refcount is 1. */
+static bool
+copied_wrong (struct pass *p, uint64_t host, uint64_t entry, uint64_t *rc)
+{
+  refcount_of (p, host, rc);
+  if ((*rc == 1) == !!(entry & QCOW_OFLAG_COPIED))
+    return false;
+  p->corruptions++;
+  p->copied_errors++;
+  return true;
+}
+
+/* Checks one L2 table: valid entries; for the active tables (tree is
+ * NULL) also COPIED exactly where a cluster's refcount is 1, and the
+ * allocation statistics. */
 static int
-check_l2 (struct pass *p, uint64_t l1_index, uint64_t l2_off, uint8_t *buf,
-          uint64_t *next_contiguous)
+check_l2 (struct pass *p, const char *tree, uint64_t l1_index,
+          uint64_t l2_off, uint8_t *buf, uint64_t *next_contiguous)
 {
   struct q2_image *img = p->img;
   bool data_file = img->data_fd != img->fd;
@@ -120,9 +184,10 @@ check_l2 (struct pass *p, uint64_t l1_index, uint64_t l2_off, uint8_t *buf,
                    "L2 table");
   if (r < 0) {
     p->corruptions++;
-    report (p, false, "ERROR reading L2 table at %#llx (L1 index %llu): %s",
-            (unsigned long long) l2_off, (unsigned long long) l1_index,
-            q2_last_error ());
+    report (p, false, "ERROR %s%s%sreading L2 table at %#llx (L1 index "
+            "%llu): %s", tree ? "snapshot " : "", tree ? tree : "",
+            tree ? ": " : "", (unsigned long long) l2_off,
+            (unsigned long long) l1_index, q2_last_error ());
     return 0;
   }
   for (i = 0; i < n; i++) {
@@ -137,12 +202,15 @@ check_l2 (struct pass *p, uint64_t l1_index, uint64_t l2_off, uint8_t *buf,
       continue;
     if (q2_decode_l2 (img, entry, bitmap, 0, &d) < 0) {
       p->corruptions++;
-      report (p, false, "ERROR L2 table at %#llx, index %llu (guest offset "
-              "%#llx): %s", (unsigned long long) l2_off,
+      report (p, false, "ERROR %s%s%sL2 table at %#llx, index %llu (guest "
+              "offset %#llx): %s", tree ? "snapshot " : "", tree ? tree : "",
+              tree ? ": " : "", (unsigned long long) l2_off,
               (unsigned long long) i, (unsigned long long) guest,
               q2_last_error ());
       continue;
     }
+    if (tree)
+      continue;
     if (entry & QCOW_OFLAG_COMPRESSED) {
       p->allocated++;
       p->compressed++;
@@ -165,19 +233,18 @@ check_l2 (struct pass *p, uint64_t l1_index, uint64_t l2_off, uint8_t *buf,
               (unsigned long long) host);
       continue;
     }
-    refcount_of (p, host, &rc);
-    if ((rc == 1) != !!(entry & QCOW_OFLAG_COPIED)) {
-      p->corruptions++;
+    if (copied_wrong (p, host, entry, &rc))
       report (p, false, "ERROR OFLAG_COPIED data cluster: l2_entry=%llx "
               "refcount=%llu", (unsigned long long) entry,
               (unsigned long long) rc);
-    }
   }
   return 0;
 }
 
+/* The tables of one L1: the active one (tree NULL) or a snapshot's. */
 static int
-check_active_tables (struct pass *p)
+check_tables (struct pass *p, const char *tree, const uint64_t *l1,
+              uint64_t l1_size)
 {
   struct q2_image *img = p->img;
   uint64_t i, next_contiguous = 0;
@@ -186,26 +253,48 @@ check_active_tables (struct pass *p)
 
   if (buf == NULL)
     return q2_err (ENOMEM, "out of memory");
-  for (i = 0; i < img->l1_size; i++) {
-    uint64_t l1e = img->l1[i], l2_off, rc;
+  for (i = 0; i < l1_size; i++) {
+    uint64_t l1e = l1[i], l2_off, rc;
     if ((l1e & L1E_OFFSET_MASK) == 0)
       continue;
-    if (q2_l1_entry_l2 (img, i, &l2_off) < 0) {
+    if (q2_check_l1_entry (img, i, l1e, &l2_off) < 0) {
       p->corruptions++;
-      report (p, false, "ERROR %s", q2_last_error ());
+      report (p, false, "ERROR %s%s%s%s", tree ? "snapshot " : "",
+              tree ? tree : "", tree ? ": " : "", q2_last_error ());
       continue;
     }
-    refcount_of (p, l2_off, &rc);
-    if ((rc == 1) != !!(l1e & QCOW_OFLAG_COPIED)) {
-      p->corruptions++;
+    if (tree == NULL && copied_wrong (p, l2_off, l1e, &rc))
       report (p, false, "ERROR OFLAG_COPIED L2 cluster: l1_index=%llu "
               "l1_entry=%llx refcount=%llu", (unsigned long long) i,
               (unsigned long long) l1e, (unsigned long long) rc);
-    }
-    if ((r = check_l2 (p, i, l2_off, buf, &next_contiguous)) < 0)
+    if ((r = check_l2 (p, tree, i, l2_off, buf, &next_contiguous)) < 0)
       break;
   }
   free (buf);
+  return r;
+}
+
+/* Snapshot trees hold no COPIED flags, but their entries must be valid
+ * too: a revert would make them active. */
+static int
+check_snapshot_tables (struct pass *p)
+{
+  struct q2_image *img = p->img;
+  uint32_t i;
+  int r = 0;
+
+  for (i = 0; r == 0 && i < img->nb_snapshots; i++) {
+    const struct q2_snapshot *s = &img->snapshots[i];
+    uint64_t *l1;
+    if (q2_read_table (img, s->l1_offset, s->l1_size, "snapshot L1 table",
+                       &l1) < 0) {
+      p->corruptions++;
+      report (p, false, "ERROR snapshot %s: %s", s->id, q2_last_error ());
+      continue;
+    }
+    r = check_tables (p, s->id, l1, s->l1_size);
+    free (l1);
+  }
   return r;
 }
 
@@ -222,7 +311,9 @@ run_pass (struct q2_image *img, const struct q2_check_result *out,
   p->out = out;
   p->quiet = quiet;
   p->fix_leaks = fix_leaks;
-  r = q2_count_references (img, true, &refs, &nb);
+  r = q2_count_references (img, &refs, &nb);
+  if (r == 0)
+    count_refcount_structures (p, refs, nb);
   if (r < 0) {
     /* Nothing can be compared against an incomplete walk. */
     p->corruptions++;
@@ -236,7 +327,9 @@ run_pass (struct q2_image *img, const struct q2_check_result *out,
     if (r < 0)
       return r;
   }
-  return check_active_tables (p);
+  if ((r = check_tables (p, NULL, img->l1, img->l1_size)) < 0)
+    return r;
+  return check_snapshot_tables (p);
 }
 
 /* Reopens the files read-write for a repair.  Unlike q2_make_writable
@@ -250,6 +343,37 @@ open_for_repair (struct q2_image *img)
   if (r == 0)
     img->corrupt = false;
   return r;
+}
+
+/* -r all: a zero-flagged entry with an unaligned offset becomes a plain
+ * zero cluster (it reads as zeros either way), as QEMU repairs it. */
+static int
+fix_unaligned_zero_entries (struct q2_image *img, uint64_t *fixed)
+{
+  uint64_t i, j, n = 1ULL << img->l2_bits;
+  int r;
+
+  if (img->extended_l2 || img->hdr.version < 3)
+    return 0;
+  for (i = 0; i < img->l1_size; i++) {
+    uint64_t l2;
+    if (q2_l1_entry_l2 (img, i, &l2) < 0 || l2 == 0)
+      continue;
+    for (j = 0; j < n; j++) {
+      uint64_t g = ((i << img->l2_bits) + j) << img->cluster_bits, so, e;
+      uint8_t *p;
+      if ((r = q2_l2_entry_ref (img, l2, g, &p, &so)) < 0)
+        return r;
+      e = q2_be64 (p);
+      if ((e & QCOW_OFLAG_COMPRESSED) || !(e & QCOW_OFLAG_ZERO) ||
+          Q2_IS_ALIGNED (e & L2E_OFFSET_MASK, img->cluster_size))
+        continue;
+      q2_put_be64 (p, QCOW_OFLAG_ZERO);
+      q2_cache_mark_dirty (img->l2_cache, so);
+      (*fixed)++;
+    }
+  }
+  return 0;
 }
 
 /* After a repair that left no corruption, the image is clean again. */
@@ -298,6 +422,9 @@ check_locked (struct q2_image *img, int mode, struct q2_check_result *res)
   if ((r = open_for_repair (img)) < 0)
     return r;
   if (mode == Q2_REPAIR_ALL && first.corruptions && first.refs_ok) {
+    uint64_t fixed = 0;
+    if ((r = fix_unaligned_zero_entries (img, &fixed)) < 0)
+      return q2_err_prefix (r, "repairing zero clusters");
     if (res->report)
       res->report (res->opaque, "Rebuilding refcount structure");
     if ((r = q2_rebuild_refcounts (img)) < 0)
@@ -306,10 +433,21 @@ check_locked (struct q2_image *img, int mode, struct q2_check_result *res)
     res->leaks_fixed = first.leaks;
     res->corruptions_fixed = first.corruptions;
   }
-  else if (first.leaks) {
-    if ((r = run_pass (img, res, true, true, &fix)) < 0)
-      return r;
-    res->leaks_fixed = fix.leaks_fixed;
+  else {
+    /* Leaks are dropped only from sound refcount blocks. */
+    if (first.leaks && !first.rebuild) {
+      if ((r = run_pass (img, res, true, true, &fix)) < 0)
+        return r;
+      res->leaks_fixed = fix.leaks_fixed;
+    }
+    /* COPIED flags follow the refcounts when nothing else is wrong, as
+     * QEMU repairs them with -r leaks too. */
+    if (first.copied_errors && first.corruptions == first.copied_errors) {
+      if ((r = q2_fix_copied_flags (img, q2_refcount_of, img)) < 0 ||
+          (r = q2_flush_locked (img)) < 0)
+        return q2_err_prefix (r, "repairing COPIED flags");
+      res->corruptions_fixed = first.copied_errors;
+    }
   }
 
   /* Double check what the repair left. */

@@ -331,12 +331,11 @@ void q2_snapshots_free (struct q2_image *img);
 /* ---- check.c: reference walk and refcount rebuild ---- */
 /* Counts every reference to every host cluster: header, L1/L2 tables of
  * the active image and all snapshots, data clusters, the snapshot table,
- * encryption header and bitmaps.  Refcount structures are counted only
- * when with_refcount_structures.  *refs has *nb entries (clusters of the
- * file) and is malloc'd.  Returns -EIO naming the first broken
- * reference. */
-int q2_count_references (struct q2_image *img, bool with_refcount_structures,
-                         uint32_t **refs, uint64_t *nb);
+ * encryption header and bitmaps; not the refcount structures.  *refs
+ * has *nb entries (clusters of the file) and is malloc'd.  Returns -EIO
+ * naming the first broken reference. */
+int q2_count_references (struct q2_image *img, uint32_t **refs,
+                         uint64_t *nb);
 typedef int (*q2_refcount_fn) (void *opaque, uint64_t cluster,
                                uint64_t *refcount);
 typedef int (*q2_range_fn) (void *opaque, uint64_t offset, uint64_t length,
@@ -344,6 +343,8 @@ typedef int (*q2_range_fn) (void *opaque, uint64_t offset, uint64_t length,
 /* Calls fn for the directory, tables and data of valid persistent
  * bitmaps. */
 int q2_bitmap_clusters (struct q2_image *img, q2_range_fn fn, void *opaque);
+/* A q2_refcount_fn reading the image's own refcounts (opaque: img). */
+int q2_refcount_of (void *img, uint64_t cluster, uint64_t *refcount);
 /* Sets COPIED in the active L1 and every L2 entry it reaches exactly
  * where the refcount (as the callback reports it) is 1. */
 int q2_fix_copied_flags (struct q2_image *img, q2_refcount_fn refcount,
@@ -377,6 +378,9 @@ int q2_map (struct q2_image *img, uint64_t offset, uint64_t max_len,
  * unallocated). */
 int q2_l1_entry_l2 (const struct q2_image *img, uint64_t l1_index,
                     uint64_t *l2_offset);
+/* The same for entry l1e of any L1 table (a snapshot's). */
+int q2_check_l1_entry (const struct q2_image *img, uint64_t l1_index,
+                       uint64_t l1e, uint64_t *l2_offset);
 /* Does the range overlap the header cluster, L1 or refcount table? */
 bool q2_overlaps_fixed_metadata (const struct q2_image *img, uint64_t off,
                                  uint64_t len);

@@ -27,6 +27,10 @@ q2_decode_l2 (const struct q2_image *img, uint64_t entry, uint64_t bitmap,
     if (img->hdr.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
       return q2_err (EIO, "compressed L2 entry %#llx in an image with an "
                      "external data file", (unsigned long long) entry);
+    if (img->extended_l2 && bitmap != 0)
+      return q2_err (EIO, "compressed L2 entry %#llx has a non-zero "
+                     "subcluster bitmap %#llx", (unsigned long long) entry,
+                     (unsigned long long) bitmap);
     d->type = Q2_COMPRESSED;
     d->host_offset = entry & img->coffset_mask;
     nb_sectors = ((entry >> img->csize_shift) & img->csize_mask) + 1;
@@ -105,7 +109,13 @@ int
 q2_l1_entry_l2 (const struct q2_image *img, uint64_t l1_index,
                  uint64_t *l2_offset)
 {
-  uint64_t l1e = img->l1[l1_index];
+  return q2_check_l1_entry (img, l1_index, img->l1[l1_index], l2_offset);
+}
+
+int
+q2_check_l1_entry (const struct q2_image *img, uint64_t l1_index,
+                   uint64_t l1e, uint64_t *l2_offset)
+{
   uint64_t l2_off = l1e & L1E_OFFSET_MASK;
 
   *l2_offset = l2_off;

@@ -243,8 +243,9 @@ struct q2_image_info {
   uint8_t compression_type;
   const char *backing_file;     /* as stored, or NULL */
   const char *backing_format;   /* or NULL */
-  const char *data_file;        /* or NULL */
+  const char *data_file;        /* as stored, or NULL */
   const char *path;             /* the resolved path of this layer */
+  const char *data_path;        /* the resolved data file path, or NULL */
   const char *format;           /* "qcow2" or "raw" */
   uint64_t data_file_size;
   struct q2_image *backing;     /* next layer, or NULL */

@@ -394,3 +394,9 @@ q2_rb_writeback (void *opaque, uint64_t offset, const uint8_t *data,
     return r;
   return q2_io_pwrite (img->fd, data, len, offset, "refcount block");
 }
+
+int
+q2_refcount_of (void *img, uint64_t cluster, uint64_t *refcount)
+{
+  return q2_refcount_get (img, cluster, refcount);
+}

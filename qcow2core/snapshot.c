@@ -394,12 +394,6 @@ check_headroom (struct q2_image *img, const uint64_t *l1, uint32_t l1_size)
   return r;
 }
 
-static int
-refcount_of (void *opaque, uint64_t cluster, uint64_t *rc)
-{
-  return q2_refcount_get (opaque, cluster, rc);
-}
-
 /* Frees what dropped to refcount zero and makes everything durable. */
 static int
 finish (struct q2_image *img)
@@ -408,7 +402,7 @@ finish (struct q2_image *img)
   int r = q2_flush_locked (img);
 
   if (r == 0)
-    r = q2_fix_copied_flags (img, refcount_of, img);
+    r = q2_fix_copied_flags (img, q2_refcount_of, img);
   if (r == 0)
     r = q2_flush_locked (img);
   return r;

@@ -687,3 +687,102 @@ assert all(s.get("icount") == 0 for s in sn), sn'
     [[ "$output" == *'"name": "b0"'* ]]
     run -0 qemu-img check a.qcow2
 }
+
+# damage_base_data_intact IMG: what make_damage_base wrote reads back.
+damage_base_data_intact ()
+{
+    run qemu-io -r -c "read -P 0x55 0 128k" "$1"
+    [[ "$output" != *fail* ]]
+}
+
+# repair_all_keeps_data IMG: -r all leaves a clean image, data intact.
+repair_all_keeps_data ()
+{
+    run -0 "$TOOL" check -r all "$1"
+    qemu-img check "$1"
+    damage_base_data_intact "$1"
+}
+
+@test "tool check: a refcount block that shares a data cluster; -r leaks keeps away, -r all rebuilds" {
+    make_damage_base a.qcow2
+    # refcount table entry 0 -> the data cluster 5
+    patch a.qcow2 $((0x10000)) Q $((0x50000))
+    run -2 qemu-img check a.qcow2
+    run -2 "$TOOL" check a.qcow2
+    [[ "$output" == *"ERROR refcount block 0 refcount=2"* ]]
+    run -2 "$TOOL" check -r leaks a.qcow2
+    damage_base_data_intact a.qcow2
+    repair_all_keeps_data a.qcow2
+}
+
+@test "tool check: refcount table entries past the file or with reserved bits; -r all rebuilds" {
+    make_damage_base a.qcow2
+    patch a.qcow2 $((0x10000 + 8)) Q $((0x7770000))    # entry 1 past EOF
+    same_check_status a.qcow2
+    [[ "$output" == *"refcount block 1 is outside the image"* ]]
+    repair_all_keeps_data a.qcow2
+
+    make_damage_base b.qcow2
+    patch b.qcow2 $((0x10000 + 8)) Q 1                  # entry 1: a reserved bit
+    same_check_status b.qcow2
+    [[ "$output" == *"refcount table entry 1 has reserved bits set"* ]]
+    repair_all_keeps_data b.qcow2
+}
+
+@test "tool check: invalid entries in a snapshot's tables; compressed entries with a subcluster bitmap" {
+    make_damage_base a.qcow2
+    "$TOOL" snapshot -c s1 a.qcow2
+    qemu-io -c "write -P 0x66 0 64k" a.qcow2 > /dev/null    # active gets its own L2
+    # the snapshot's L2 table is still cluster 4: entry 1 gets reserved bits
+    local e
+    e="$(read_be a.qcow2 $((0x40000 + 8)) Q)"
+    patch a.qcow2 $((0x40000 + 8)) Q "$e | 0x1fe"
+    same_check_status a.qcow2
+    [ "$check_status" -eq 2 ]
+    [[ "$output" == *"snapshot 1: L2 table at 0x40000, index 1"* ]]
+
+    qemu-img create -q -f qcow2 -o extended_l2=on c.qcow2 4M
+    qemu-io -c "write -c -P 0x55 0 64k" c.qcow2 > /dev/null
+    local l2
+    l2="$(read_be c.qcow2 $(( $(read_be c.qcow2 40 Q) )) Q)"
+    patch c.qcow2 $(( (l2 & ((1 << 56) - 1)) + 8 )) Q 1
+    same_check_status c.qcow2
+    [ "$check_status" -eq 2 ]
+    [[ "$output" == *"non-zero subcluster bitmap"* ]]
+    # reads of it fail, as in QEMU
+    run nbdkit -U - "$BATS_TEST_DIRNAME/../plugin/nbdkit-qcow2-plugin.so" \
+        file="$PWD/c.qcow2" --run 'qemu-io -r -f raw "$uri" -c "read 0 64k"'
+    [[ "$output" == *"Input/output error"* ]]
+}
+
+@test "tool check: -r all turns an unaligned zero cluster into a plain one; -r leaks fixes COPIED alone" {
+    qemu-img create -q -f qcow2 a.qcow2 4M
+    qemu-io -c "write -P 0x55 0 64k" -c "write -z 64k 64k" a.qcow2 > /dev/null
+    local l2
+    l2="$(( $(read_be a.qcow2 $(( $(read_be a.qcow2 40 Q) )) Q) & ((1 << 56) - 1) ))"
+    patch a.qcow2 $((l2 + 8)) Q $((0x50201))
+    same_check_status a.qcow2
+    run -0 "$TOOL" check -r all a.qcow2
+    qemu-img check a.qcow2
+    [ "$(read_be a.qcow2 $((l2 + 8)) Q)" = 1 ]
+    run qemu-io -r -c "read -P 0x55 0 64k" -c "read -P 0 64k 64k" a.qcow2
+    [[ "$output" != *fail* ]]
+
+    make_damage_base b.qcow2
+    local e
+    e="$(read_be b.qcow2 $((0x40000)) Q)"
+    patch b.qcow2 $((0x40000)) Q "$e & ~(1 << 63)"
+    cp b.qcow2 q.qcow2
+    run -0 qemu-img check -r leaks q.qcow2              # QEMU fixes it too
+    run -0 "$TOOL" check -r leaks b.qcow2
+    qemu-img check b.qcow2
+    [ "$(read_be b.qcow2 $((0x40000)) Q)" = "$e" ]
+}
+
+@test "tool map: the human format names an external data file as qemu-img does" {
+    qemu-img create -q -f qcow2 -o data_file=d.raw df.qcow2 4M
+    qemu-io -c "write -P 5 0 64k" -c "write -P 6 1M 64k" df.qcow2 > /dev/null
+    run -0 "$TOOL" map df.qcow2
+    [ "$output" = "$(qemu-img map df.qcow2)" ]
+    [[ "$output" == *" d.raw"* ]]
+}

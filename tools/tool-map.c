@@ -21,6 +21,8 @@ static const char map_help[] =
 struct names {
   char *name[Q2_MAX_CHAIN_DEPTH + 2];
   const char *path[Q2_MAX_CHAIN_DEPTH + 2];
+  char *data_name[Q2_MAX_CHAIN_DEPTH + 2];      /* external data files */
+  const char *data_path[Q2_MAX_CHAIN_DEPTH + 2];
   int n;
 };
 
@@ -35,6 +37,12 @@ collect_names (struct q2_image *top, const char *top_name, struct names *nm)
     struct q2_image_info in;
     q2_image_get_info (img, &in);
     nm->path[nm->n] = in.path;
+    /* Named like a backing file: relative to the image's name. */
+    if (in.data_file && in.data_path) {
+      nm->data_name[nm->n] = combine_backing_name (nm->name[nm->n],
+                                                   in.data_file);
+      nm->data_path[nm->n] = in.data_path;
+    }
     nm->n++;
     if (in.backing_file && nm->n < Q2_MAX_CHAIN_DEPTH + 2)
       nm->name[nm->n] = combine_backing_name (nm->name[nm->n - 1],
@@ -50,6 +58,10 @@ display_name (const struct names *nm, const struct q2_map_info *m)
   if (m->depth >= 0 && m->depth < nm->n && m->filename &&
       strcmp (m->filename, nm->path[m->depth]) == 0)
     return nm->name[m->depth];
+  if (m->depth >= 0 && m->depth < nm->n && m->filename &&
+      nm->data_path[m->depth] && nm->data_name[m->depth] &&
+      strcmp (m->filename, nm->data_path[m->depth]) == 0)
+    return nm->data_name[m->depth];
   return m->filename ? m->filename : "";
 }
 
@@ -176,8 +188,10 @@ cmd_map (int argc, char **argv)
   }
   if (json)
     printf ("%s\n", first && !have ? "[]" : "]");
-  for (i = 0; i < Q2_MAX_CHAIN_DEPTH + 2; i++)
+  for (i = 0; i < Q2_MAX_CHAIN_DEPTH + 2; i++) {
     free (nm.name[i]);
+    free (nm.data_name[i]);
+  }
   q2_close (img);
   return ret;
 }
