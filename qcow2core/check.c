@@ -8,7 +8,6 @@
 #include "internal.h"
 
 #define BITMAP_ENTRY_OFFSET_MASK 0x00fffffffffffe00ULL
-#define MAX_COUNTED_CLUSTERS (256u << 20)
 
 struct walk {
   struct q2_image *img;

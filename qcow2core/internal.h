@@ -329,6 +329,9 @@ int q2_snapshots_load (struct q2_image *img);
 void q2_snapshots_free (struct q2_image *img);
 
 /* ---- check.c: reference walk and refcount rebuild ---- */
+/* Walks that count per cluster of the file stop at this many clusters,
+ * to bound their memory. */
+#define MAX_COUNTED_CLUSTERS (256u << 20)
 /* Counts every reference to every host cluster: header, L1/L2 tables of
  * the active image and all snapshots, data clusters, the snapshot table,
  * encryption header and bitmaps; not the refcount structures.  *refs

@@ -375,6 +375,10 @@ check_headroom (struct q2_image *img, const uint64_t *l1, uint32_t l1_size)
   int r;
 
   h.nb = (img->file_size + img->cluster_size - 1) >> img->cluster_bits;
+  if (h.nb > MAX_COUNTED_CLUSTERS)
+    return q2_err (EFBIG, "the file has %llu clusters, too many to count "
+                   "references in memory (at most %u)",
+                   (unsigned long long) h.nb, MAX_COUNTED_CLUSTERS);
   h.adds = calloc (h.nb ? h.nb : 1, sizeof *h.adds);
   if (h.adds == NULL)
     return q2_err (ENOMEM, "out of memory counting references");
