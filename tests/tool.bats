@@ -750,8 +750,7 @@ repair_all_keeps_data ()
     [ "$check_status" -eq 2 ]
     [[ "$output" == *"non-zero subcluster bitmap"* ]]
     # reads of it fail, as in QEMU
-    run nbdkit -U - "$BATS_TEST_DIRNAME/../plugin/nbdkit-qcow2-plugin.so" \
-        file="$PWD/c.qcow2" --run 'qemu-io -r -f raw "$uri" -c "read 0 64k"'
+    run nbdkit -U - "$PLUGIN" file="$PWD/c.qcow2" --run 'qemu-io -r -f raw "$uri" -c "read 0 64k"'
     [[ "$output" == *"Input/output error"* ]]
 }
 
