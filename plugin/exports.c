@@ -141,7 +141,7 @@ open_view (int index)
   }
   /* Load by ID: it is unique, names need not be. */
   if (q2_snapshot_load_tmp (v, info.id) < 0) {
-    nbdkit_error ("snapshot %s: %s", info.id, q2_last_error ());
+    nbdkit_error ("%s", q2_last_error ());      /* names the snapshot */
     q2_close (v);
     return NULL;
   }

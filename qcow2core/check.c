@@ -110,10 +110,12 @@ walk_snapshots (struct walk *w, uint8_t *buf)
   for (i = 0; r == 0 && i < img->nb_snapshots; i++) {
     const struct q2_snapshot *s = &img->snapshots[i];
     uint64_t *l1 = NULL;
+    /* An invalid L1 table references nothing (check reports it). */
+    if (q2_snapshot_l1_valid (img, s) < 0)
+      continue;
     r = inc (w, s->l1_offset, (uint64_t) s->l1_size * 8, "snapshot L1 table");
     if (r == 0)
-      r = q2_read_table (img, s->l1_offset, s->l1_size, "snapshot L1 table",
-                         &l1);
+      r = q2_snapshot_read_l1 (img, s, &l1);
     if (r == 0)
       r = walk_l1 (w, l1, s->l1_size, buf);
     free (l1);

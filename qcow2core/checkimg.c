@@ -23,6 +23,7 @@ struct pass {
   bool rebuild;                 /* refcount structures are broken */
   uint64_t leaks, corruptions, leaks_fixed;
   uint64_t copied_errors;       /* part of corruptions */
+  uint64_t broken_snapshots;    /* snapshots with an invalid L1 table */
   uint64_t image_end_offset;
   uint64_t allocated, fragmented, compressed;
 };
@@ -255,8 +256,17 @@ check_tables (struct pass *p, const char *tree, const uint64_t *l1,
     return q2_err (ENOMEM, "out of memory");
   for (i = 0; i < l1_size; i++) {
     uint64_t l1e = l1[i], l2_off, rc;
-    if ((l1e & L1E_OFFSET_MASK) == 0)
+    if ((l1e & L1E_OFFSET_MASK) == 0) {
+      /* No L2 table: no flag or reserved bit may be set either. */
+      if (l1e != 0) {
+        p->corruptions++;
+        report (p, false, "ERROR %s%s%sL1 entry %llu (%#llx) has reserved "
+                "bits or COPIED set without an L2 table",
+                tree ? "snapshot " : "", tree ? tree : "", tree ? ": " : "",
+                (unsigned long long) i, (unsigned long long) l1e);
+      }
       continue;
+    }
     if (q2_check_l1_entry (img, i, l1e, &l2_off) < 0) {
       p->corruptions++;
       report (p, false, "ERROR %s%s%s%s", tree ? "snapshot " : "",
@@ -286,10 +296,11 @@ check_snapshot_tables (struct pass *p)
   for (i = 0; r == 0 && i < img->nb_snapshots; i++) {
     const struct q2_snapshot *s = &img->snapshots[i];
     uint64_t *l1;
-    if (q2_read_table (img, s->l1_offset, s->l1_size, "snapshot L1 table",
-                       &l1) < 0) {
+    if (q2_snapshot_read_l1 (img, s, &l1) < 0) {
       p->corruptions++;
-      report (p, false, "ERROR snapshot %s: %s", s->id, q2_last_error ());
+      p->broken_snapshots++;
+      report (p, false, "ERROR %s; snapshot table entry corrupted",
+              q2_last_error ());
       continue;
     }
     r = check_tables (p, s->id, l1, s->l1_size);
@@ -429,6 +440,16 @@ check_locked (struct q2_image *img, int mode, struct q2_check_result *res)
       res->report (res->opaque, "Rebuilding refcount structure");
     if ((r = q2_rebuild_refcounts (img)) < 0)
       return q2_err_prefix (r, "rebuilding the refcount structures");
+    /* Unusable snapshots go once refcounts can be trusted again, as
+     * QEMU discards them. */
+    if (first.broken_snapshots) {
+      uint32_t dropped = 0;
+      if ((r = q2_snapshot_drop_invalid (img, &dropped)) < 0)
+        return q2_err_prefix (r, "discarding invalid snapshots");
+      if (res->report && dropped)
+        res->report (res->opaque, "Discarded snapshots with an invalid L1 "
+                     "table");
+    }
     res->rebuilt = true;
     res->leaks_fixed = first.leaks;
     res->corruptions_fixed = first.corruptions;

@@ -219,6 +219,17 @@ struct q2_snapshot {
   uint8_t *extra;               /* all extra data, known and unknown */
 };
 
+/* Is the snapshot's L1 table inside the file and of a sane size?  An
+ * invalid one is kept in the list but never followed. */
+int q2_snapshot_l1_valid (const struct q2_image *img,
+                          const struct q2_snapshot *s);
+/* Validates and reads the snapshot's L1 table (host order). */
+int q2_snapshot_read_l1 (struct q2_image *img, const struct q2_snapshot *s,
+                         uint64_t **l1);
+/* check -r all: removes snapshots whose L1 table is invalid from the
+ * table (refcounts must be sound). */
+int q2_snapshot_drop_invalid (struct q2_image *img, uint32_t *dropped);
+
 /* ---- the image ---- */
 enum q2_format { Q2_FMT_RAW, Q2_FMT_QCOW2 };
 

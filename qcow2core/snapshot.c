@@ -73,18 +73,39 @@ parse_one (struct q2_image *img, const uint8_t *p, uint64_t avail,
   if (extra >= 24)
     s->icount = q2_be64 (s->extra + 16);
 
+  /* An invalid L1 table is kept in the list (the active image is still
+   * usable, and check reports it); q2_snapshot_read_l1 refuses it. */
+  *len = Q2_ROUND_UP (need, 8);
+  return 0;
+}
+
+int
+q2_snapshot_l1_valid (const struct q2_image *img, const struct q2_snapshot *s)
+{
   if (s->l1_size > QCOW2_MAX_L1_BYTES / 8)
-    return q2_err (EINVAL, "snapshot %u: l1_size %u is too large", index,
+    return q2_err (EIO, "snapshot %s: l1_size %u is too large", s->id,
                    s->l1_size);
   if (!Q2_IS_ALIGNED (s->l1_offset, img->cluster_size) ||
       (s->l1_size && (s->l1_offset >= img->file_size ||
                       (uint64_t) s->l1_size * 8 >
                       img->file_size - s->l1_offset)))
-    return q2_err (EINVAL, "snapshot %u: L1 table offset %#llx is unaligned "
-                   "or past the end of the file", index,
+    return q2_err (EIO, "snapshot %s: L1 table offset %#llx is unaligned "
+                   "or past the end of the file", s->id,
                    (unsigned long long) s->l1_offset);
-  *len = Q2_ROUND_UP (need, 8);
   return 0;
+}
+
+int
+q2_snapshot_read_l1 (struct q2_image *img, const struct q2_snapshot *s,
+                     uint64_t **l1)
+{
+  int r = q2_snapshot_l1_valid (img, s);
+
+  if (r == 0 &&
+      (r = q2_read_table (img, s->l1_offset, s->l1_size, "snapshot L1 table",
+                          l1)) < 0)
+    return q2_err_prefix (r, "snapshot %s", s->id);
+  return r;
 }
 
 int
@@ -177,8 +198,7 @@ q2_snapshot_load_tmp (struct q2_image *img, const char *name_or_id)
   if ((i = q2_snapshot_find (img, name_or_id)) < 0)
     return i;
   s = &img->snapshots[i];
-  if ((r = q2_read_table (img, s->l1_offset, s->l1_size, "snapshot L1 table",
-                            &l1)) < 0)
+  if ((r = q2_snapshot_read_l1 (img, s, &l1)) < 0)
     return r;
   free (img->l1);
   img->l1 = l1;
@@ -412,6 +432,41 @@ finish (struct q2_image *img)
   return r;
 }
 
+int
+q2_snapshot_drop_invalid (struct q2_image *img, uint32_t *dropped)
+{
+  struct q2_snapshot *keep;
+  uint32_t i, n = 0;
+  int r;
+
+  *dropped = 0;
+  keep = calloc (img->nb_snapshots ? img->nb_snapshots : 1, sizeof *keep);
+  if (keep == NULL)
+    return q2_err (ENOMEM, "out of memory");
+  for (i = 0; i < img->nb_snapshots; i++)
+    if (q2_snapshot_l1_valid (img, &img->snapshots[i]) == 0)
+      keep[n++] = img->snapshots[i];
+  if (n == img->nb_snapshots) {
+    free (keep);
+    return 0;
+  }
+  if ((r = write_table (img, keep, n)) < 0) {
+    free (keep);
+    return r;
+  }
+  for (i = 0; i < img->nb_snapshots; i++)
+    if (q2_snapshot_l1_valid (img, &img->snapshots[i]) < 0) {
+      free (img->snapshots[i].id);
+      free (img->snapshots[i].name);
+      free (img->snapshots[i].extra);
+      (*dropped)++;
+    }
+  free (img->snapshots);
+  img->snapshots = keep;
+  img->nb_snapshots = n;
+  return q2_flush_locked (img);
+}
+
 /* What every operation needs; snapshot create and delete leave the
  * guest's data alone, so persistent bitmaps stay valid through them. */
 static int
@@ -483,8 +538,7 @@ check_apply (struct q2_image *img, const char *name_or_id)
   if ((idx = q2_snapshot_find (img, name_or_id)) < 0)
     return idx;
   s = &img->snapshots[idx];
-  if ((r = q2_read_table (img, s->l1_offset, s->l1_size,
-                            "snapshot L1 table", &sl1)) < 0)
+  if ((r = q2_snapshot_read_l1 (img, s, &sl1)) < 0)
     return r;
   r = check_headroom (img, sl1, s->l1_size);
   free (sl1);
@@ -586,8 +640,7 @@ delete_locked (struct q2_image *img, const char *name_or_id)
   if ((i = find_for_delete (img, name_or_id)) < 0)
     return i;
   gone = img->snapshots[i];
-  if ((r = q2_read_table (img, gone.l1_offset, gone.l1_size,
-                            "snapshot L1 table", &l1)) < 0)
+  if ((r = q2_snapshot_read_l1 (img, &gone, &l1)) < 0)
     return r;
 
   /* 1. The table without it: from here on a crash only leaks. */
@@ -673,8 +726,7 @@ apply_locked (struct q2_image *img, const char *name_or_id)
   if ((idx = q2_snapshot_find (img, name_or_id)) < 0)
     return idx;
   s = &img->snapshots[idx];
-  if ((r = q2_read_table (img, s->l1_offset, s->l1_size,
-                            "snapshot L1 table", &sl1)) < 0)
+  if ((r = q2_snapshot_read_l1 (img, s, &sl1)) < 0)
     return r;
   if (s->l1_size > img->l1_size && (r = grow_l1 (img, s->l1_size)) < 0)
     goto out;

@@ -785,3 +785,33 @@ repair_all_keeps_data ()
     [ "$output" = "$(qemu-img map df.qcow2)" ]
     [[ "$output" == *" d.raw"* ]]
 }
+
+@test "tool check: flag bits in an empty L1 entry; a snapshot with an invalid L1 table is reported, and -r all discards it" {
+    qemu-img create -q -f qcow2 a.qcow2 1G              # L1 of 2 entries
+    patch a.qcow2 $(( $(read_be a.qcow2 40 Q) + 8 )) Q $((0x20))   # entry 1: a reserved bit, no table
+    same_check_status a.qcow2
+    [ "$check_status" -eq 2 ]
+    [[ "$output" == *"L1 entry 1 (0x20)"* ]]
+
+    make_damage_base b.qcow2
+    "$TOOL" snapshot -c s1 b.qcow2
+    "$TOOL" snapshot -c s2 b.qcow2
+    # snapshot 1's L1 table offset becomes unaligned
+    local tab
+    tab="$(read_be b.qcow2 64 Q)"
+    patch b.qcow2 "$tab" Q "$(read_be b.qcow2 "$tab" Q) + 8"
+    same_check_status b.qcow2
+    [ "$check_status" -eq 2 ]
+    [[ "$output" == *"snapshot 1: L1 table offset"* ]]
+    # the plugin serves the active image, and refuses the broken snapshot
+    run nbdkit -U - -r "$PLUGIN" file="$PWD/b.qcow2" --run 'nbdinfo --list "$uri"'
+    [[ "$output" == *s2* ]]
+    damage_base_data_intact b.qcow2
+    run -0 "$TOOL" check -r all b.qcow2
+    [[ "$output" == *"Discarded snapshots"* ]]
+    qemu-img check b.qcow2
+    run -0 qemu-img snapshot -l b.qcow2
+    [[ "$output" != *" s1 "* ]]
+    [[ "$output" == *" s2 "* ]]
+    damage_base_data_intact b.qcow2
+}
