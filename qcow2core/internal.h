@@ -217,12 +217,18 @@ struct q2_snapshot {
   uint64_t icount;
   uint32_t extra_size;
   uint8_t *extra;               /* all extra data, known and unknown */
+  /* The L1 table was invalid at open: never followed, even if the file
+   * later grows over its offset. */
+  bool broken;
 };
 
 /* Is the snapshot's L1 table inside the file and of a sane size?  An
  * invalid one is kept in the list but never followed. */
 int q2_snapshot_l1_valid (const struct q2_image *img,
                           const struct q2_snapshot *s);
+/* -EROFS while some snapshot's L1 table is invalid: writes could land
+ * where it points.  Only check -r all may change such an image. */
+int q2_check_snapshots_usable (const struct q2_image *img);
 /* Validates and reads the snapshot's L1 table (host order). */
 int q2_snapshot_read_l1 (struct q2_image *img, const struct q2_snapshot *s,
                          uint64_t **l1);

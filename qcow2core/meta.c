@@ -274,6 +274,8 @@ prepare (struct q2_image *img, bool data_changes)
   if (img->corrupt)
     return q2_err (EIO, "the image is marked corrupt; writes are refused "
                    "until it is repaired");
+  if ((r = q2_check_snapshots_usable (img)) < 0)
+    return r;
   if (img->header_touched)
     return 0;
   bitmaps = img->hdr.has_bitmaps_ext &&

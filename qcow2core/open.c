@@ -557,6 +557,8 @@ make_writable_locked (struct q2_image *img)
     return q2_err (EROFS, "%s: the image is marked corrupt (incompatible "
                    "bit 1); it can only be served read-only until it is "
                    "repaired (qemu-img check -r all)", img->path);
+  if ((r = q2_check_snapshots_usable (img)) < 0)
+    return q2_err_prefix (r, "%s", img->path);
   if ((r = q2_switch_to_rw (img)) < 0)
     return r;
   /* Refcounts of a dirty image may be stale: rebuild them from the

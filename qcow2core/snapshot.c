@@ -74,7 +74,12 @@ parse_one (struct q2_image *img, const uint8_t *p, uint64_t avail,
     s->icount = q2_be64 (s->extra + 16);
 
   /* An invalid L1 table is kept in the list (the active image is still
-   * usable, and check reports it); q2_snapshot_read_l1 refuses it. */
+   * usable, and check reports it), marked so that nothing follows it. */
+  s->broken = s->l1_size > QCOW2_MAX_L1_BYTES / 8 ||
+    !Q2_IS_ALIGNED (s->l1_offset, img->cluster_size) ||
+    (s->l1_size && (s->l1_offset >= img->file_size ||
+                    (uint64_t) s->l1_size * 8 >
+                    img->file_size - s->l1_offset));
   *len = Q2_ROUND_UP (need, 8);
   return 0;
 }
@@ -82,16 +87,26 @@ parse_one (struct q2_image *img, const uint8_t *p, uint64_t avail,
 int
 q2_snapshot_l1_valid (const struct q2_image *img, const struct q2_snapshot *s)
 {
-  if (s->l1_size > QCOW2_MAX_L1_BYTES / 8)
-    return q2_err (EIO, "snapshot %s: l1_size %u is too large", s->id,
-                   s->l1_size);
-  if (!Q2_IS_ALIGNED (s->l1_offset, img->cluster_size) ||
-      (s->l1_size && (s->l1_offset >= img->file_size ||
-                      (uint64_t) s->l1_size * 8 >
-                      img->file_size - s->l1_offset)))
-    return q2_err (EIO, "snapshot %s: L1 table offset %#llx is unaligned "
-                   "or past the end of the file", s->id,
-                   (unsigned long long) s->l1_offset);
+  if (s->broken)
+    return q2_err (EIO, "snapshot %s: L1 table at %#llx (%u entries) is "
+                   "unaligned, too large or past the end of the file", s->id,
+                   (unsigned long long) s->l1_offset, s->l1_size);
+  return 0;
+}
+
+int
+q2_check_snapshots_usable (const struct q2_image *img)
+{
+  uint32_t i;
+
+  /* An allocation could land where such an L1 table points, and the
+   * snapshot would then follow whatever was written there. */
+  for (i = 0; i < img->nb_snapshots; i++)
+    if (img->snapshots[i].broken)
+      return q2_err (EROFS, "snapshot %s has an invalid L1 table offset "
+                     "%#llx; the image is read-only until it is repaired "
+                     "(check -r all)", img->snapshots[i].id,
+                     (unsigned long long) img->snapshots[i].l1_offset);
   return 0;
 }
 
@@ -516,9 +531,12 @@ check_create (struct q2_image *img, const char *name)
 static int
 check_delete (struct q2_image *img, const char *name_or_id)
 {
-  int r = check_allowed (img, false);
+  int i, r = check_allowed (img, false);
 
-  return r < 0 ? r : find_for_delete (img, name_or_id);
+  if (r < 0 || (i = find_for_delete (img, name_or_id)) < 0)
+    return r < 0 ? r : i;
+  /* An unusable tree cannot be released (check -r all discards it). */
+  return q2_snapshot_l1_valid (img, &img->snapshots[i]);
 }
 
 static int

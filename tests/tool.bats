@@ -802,11 +802,18 @@ repair_all_keeps_data ()
     patch b.qcow2 "$tab" Q "$(read_be b.qcow2 "$tab" Q) + 8"
     same_check_status b.qcow2
     [ "$check_status" -eq 2 ]
-    [[ "$output" == *"snapshot 1: L1 table offset"* ]]
-    # the plugin serves the active image, and refuses the broken snapshot
-    run nbdkit -U - -r "$PLUGIN" file="$PWD/b.qcow2" --run 'nbdinfo --list "$uri"'
+    [[ "$output" == *"snapshot 1: L1 table at"* ]]
+    # the plugin serves the active image read-only, and refuses the broken
+    # snapshot; a refused snapshot -d changes nothing either
+    cp b.qcow2 before.qcow2
+    run nbdkit -U - "$PLUGIN" file="$PWD/b.qcow2" --run 'nbdinfo --list "$uri"'
     [[ "$output" == *s2* ]]
-    damage_base_data_intact b.qcow2
+    run nbdkit -U - "$PLUGIN" file="$PWD/b.qcow2" \
+        --run 'nbdsh -u "$uri" -c "assert h.is_read_only()" -c "assert h.pread(4, 0) == b\"\\x55\" * 4"'
+    [ "$status" -eq 0 ]
+    run -1 "$TOOL" snapshot -d s1 b.qcow2
+    [[ "$output" == *"invalid L1 table"* ]]
+    cmp b.qcow2 before.qcow2
     run -0 "$TOOL" check -r all b.qcow2
     [[ "$output" == *"Discarded snapshots"* ]]
     qemu-img check b.qcow2
@@ -814,4 +821,17 @@ repair_all_keeps_data ()
     [[ "$output" != *" s1 "* ]]
     [[ "$output" == *" s2 "* ]]
     damage_base_data_intact b.qcow2
+
+    # an L1 offset at the end of the file stays broken while the repair
+    # grows the file over it
+    make_damage_base c.qcow2
+    "$TOOL" snapshot -c s1 c.qcow2
+    tab="$(read_be c.qcow2 64 Q)"
+    patch c.qcow2 "$tab" Q "$(stat -c %s c.qcow2)"
+    same_check_status c.qcow2
+    run -0 "$TOOL" check -r all c.qcow2
+    qemu-img check c.qcow2
+    run -0 qemu-img snapshot -l c.qcow2
+    [[ "$output" != *" s1 "* ]]
+    damage_base_data_intact c.qcow2
 }
