@@ -510,8 +510,10 @@ find_for_delete (const struct q2_image *img, const char *name_or_id)
   return q2_snapshot_find (img, name_or_id);
 }
 
-/* The checks before each operation change nothing: a refused
- * operation leaves the image as it was. */
+/* The checks before each operation change nothing on disk but the
+ * autoclear bits we do not maintain (cleared by check_allowed, as on
+ * any write): a refused operation leaves the image otherwise as it
+ * was. */
 static int
 check_create (struct q2_image *img, const char *name)
 {
