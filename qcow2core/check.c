@@ -111,7 +111,7 @@ walk_snapshots (struct walk *w, uint8_t *buf)
     const struct q2_snapshot *s = &img->snapshots[i];
     uint64_t *l1 = NULL;
     /* An invalid L1 table references nothing (check reports it). */
-    if (q2_snapshot_l1_valid (img, s) < 0)
+    if (s->broken)
       continue;
     r = inc (w, s->l1_offset, (uint64_t) s->l1_size * 8, "snapshot L1 table");
     if (r == 0)
@@ -185,18 +185,26 @@ inc_range (void *opaque, uint64_t off, uint64_t len, const char *what)
 }
 
 int
+q2_counted_clusters (const struct q2_image *img, uint64_t *nb)
+{
+  *nb = (img->file_size + img->cluster_size - 1) >> img->cluster_bits;
+  if (*nb > MAX_COUNTED_CLUSTERS)
+    return q2_err (EFBIG, "the file has %llu clusters, too many to count "
+                   "references in memory (at most %u)",
+                   (unsigned long long) *nb, MAX_COUNTED_CLUSTERS);
+  return 0;
+}
+
+int
 q2_count_references (struct q2_image *img, uint32_t **refs, uint64_t *nb)
 {
   struct walk w = { .img = img };
   uint8_t *buf;
   int r;
 
-  w.nb = (img->file_size + img->cluster_size - 1) >> img->cluster_bits;
-  /* 4 bytes per cluster of the file: bound it (1 GiB of counters). */
-  if (w.nb > MAX_COUNTED_CLUSTERS)
-    return q2_err (EFBIG, "the file has %llu clusters, too many to count "
-                   "references in memory (at most %u)",
-                   (unsigned long long) w.nb, MAX_COUNTED_CLUSTERS);
+  /* 4 bytes per cluster of the file: at most 1 GiB of counters. */
+  if ((r = q2_counted_clusters (img, &w.nb)) < 0)
+    return r;
   w.refs = calloc (w.nb ? w.nb : 1, sizeof *w.refs);
   buf = malloc (img->cluster_size);
   if (w.refs == NULL || buf == NULL) {
@@ -327,8 +335,7 @@ q2_rebuild_refcounts (struct q2_image *img)
     return r;
   if ((r = q2_count_references (img, &refs, &nb)) < 0)
     return r;
-  max = img->refcount_bits == 64 ? UINT64_MAX :
-    (1ULL << img->refcount_bits) - 1;
+  max = q2_max_refcount (img);
 
   /* New table and blocks go after everything: blocks for every range up
    * to the end of the new structures. */

@@ -169,11 +169,11 @@ copied_wrong (struct pass *p, uint64_t host, uint64_t entry, uint64_t *rc)
   return true;
 }
 
-/* Checks one L2 table: valid entries; for the active tables (tree is
- * NULL) also COPIED exactly where a cluster's refcount is 1, and the
+/* Checks one L2 table: valid entries; for the active tables (where is
+ * "") also COPIED exactly where a cluster's refcount is 1, and the
  * allocation statistics. */
 static int
-check_l2 (struct pass *p, const char *tree, uint64_t l1_index,
+check_l2 (struct pass *p, const char *where, uint64_t l1_index,
           uint64_t l2_off, uint8_t *buf, uint64_t *next_contiguous)
 {
   struct q2_image *img = p->img;
@@ -185,9 +185,8 @@ check_l2 (struct pass *p, const char *tree, uint64_t l1_index,
                    "L2 table");
   if (r < 0) {
     p->corruptions++;
-    report (p, false, "ERROR %s%s%sreading L2 table at %#llx (L1 index "
-            "%llu): %s", tree ? "snapshot " : "", tree ? tree : "",
-            tree ? ": " : "", (unsigned long long) l2_off,
+    report (p, false, "ERROR %sreading L2 table at %#llx (L1 index "
+            "%llu): %s", where, (unsigned long long) l2_off,
             (unsigned long long) l1_index, q2_last_error ());
     return 0;
   }
@@ -203,14 +202,13 @@ check_l2 (struct pass *p, const char *tree, uint64_t l1_index,
       continue;
     if (q2_decode_l2 (img, entry, bitmap, 0, &d) < 0) {
       p->corruptions++;
-      report (p, false, "ERROR %s%s%sL2 table at %#llx, index %llu (guest "
-              "offset %#llx): %s", tree ? "snapshot " : "", tree ? tree : "",
-              tree ? ": " : "", (unsigned long long) l2_off,
+      report (p, false, "ERROR %sL2 table at %#llx, index %llu (guest "
+              "offset %#llx): %s", where, (unsigned long long) l2_off,
               (unsigned long long) i, (unsigned long long) guest,
               q2_last_error ());
       continue;
     }
-    if (tree)
+    if (*where)
       continue;
     if (entry & QCOW_OFLAG_COMPRESSED) {
       p->allocated++;
@@ -242,9 +240,10 @@ check_l2 (struct pass *p, const char *tree, uint64_t l1_index,
   return 0;
 }
 
-/* The tables of one L1: the active one (tree NULL) or a snapshot's. */
+/* The tables of one L1: the active one (where is "") or a snapshot's
+ * (where is "snapshot ID: ", the prefix of its messages). */
 static int
-check_tables (struct pass *p, const char *tree, const uint64_t *l1,
+check_tables (struct pass *p, const char *where, const uint64_t *l1,
               uint64_t l1_size)
 {
   struct q2_image *img = p->img;
@@ -260,24 +259,22 @@ check_tables (struct pass *p, const char *tree, const uint64_t *l1,
       /* No L2 table: no flag or reserved bit may be set either. */
       if (l1e != 0) {
         p->corruptions++;
-        report (p, false, "ERROR %s%s%sL1 entry %llu (%#llx) has reserved "
-                "bits or COPIED set without an L2 table",
-                tree ? "snapshot " : "", tree ? tree : "", tree ? ": " : "",
+        report (p, false, "ERROR %sL1 entry %llu (%#llx) has reserved "
+                "bits or COPIED set without an L2 table", where,
                 (unsigned long long) i, (unsigned long long) l1e);
       }
       continue;
     }
     if (q2_check_l1_entry (img, i, l1e, &l2_off) < 0) {
       p->corruptions++;
-      report (p, false, "ERROR %s%s%s%s", tree ? "snapshot " : "",
-              tree ? tree : "", tree ? ": " : "", q2_last_error ());
+      report (p, false, "ERROR %s%s", where, q2_last_error ());
       continue;
     }
-    if (tree == NULL && copied_wrong (p, l2_off, l1e, &rc))
+    if (*where == '\0' && copied_wrong (p, l2_off, l1e, &rc))
       report (p, false, "ERROR OFLAG_COPIED L2 cluster: l1_index=%llu "
               "l1_entry=%llx refcount=%llu", (unsigned long long) i,
               (unsigned long long) l1e, (unsigned long long) rc);
-    if ((r = check_l2 (p, tree, i, l2_off, buf, &next_contiguous)) < 0)
+    if ((r = check_l2 (p, where, i, l2_off, buf, &next_contiguous)) < 0)
       break;
   }
   free (buf);
@@ -295,6 +292,7 @@ check_snapshot_tables (struct pass *p)
 
   for (i = 0; r == 0 && i < img->nb_snapshots; i++) {
     const struct q2_snapshot *s = &img->snapshots[i];
+    char where[64];
     uint64_t *l1;
     if (q2_snapshot_read_l1 (img, s, &l1) < 0) {
       p->corruptions++;
@@ -303,7 +301,8 @@ check_snapshot_tables (struct pass *p)
               q2_last_error ());
       continue;
     }
-    r = check_tables (p, s->id, l1, s->l1_size);
+    snprintf (where, sizeof where, "snapshot %.40s: ", s->id);
+    r = check_tables (p, where, l1, s->l1_size);
     free (l1);
   }
   return r;
@@ -338,7 +337,7 @@ run_pass (struct q2_image *img, const struct q2_check_result *out,
     if (r < 0)
       return r;
   }
-  if ((r = check_tables (p, NULL, img->l1, img->l1_size)) < 0)
+  if ((r = check_tables (p, "", img->l1, img->l1_size)) < 0)
     return r;
   return check_snapshot_tables (p);
 }

@@ -349,6 +349,8 @@ void q2_snapshots_free (struct q2_image *img);
 /* Walks that count per cluster of the file stop at this many clusters,
  * to bound their memory. */
 #define MAX_COUNTED_CLUSTERS (256u << 20)
+/* The number of clusters of the file, or -EFBIG past that bound. */
+int q2_counted_clusters (const struct q2_image *img, uint64_t *nb);
 /* Counts every reference to every host cluster: header, L1/L2 tables of
  * the active image and all snapshots, data clusters, the snapshot table,
  * encryption header and bitmaps; not the refcount structures.  *refs
@@ -420,6 +422,8 @@ int q2_decode_l2 (const struct q2_image *img, uint64_t entry,
 /* ---- refcount.c ---- */
 int q2_refcount_get (struct q2_image *img, uint64_t cluster_index,
                      uint64_t *refcount);
+/* The largest refcount refcount_bits can hold. */
+uint64_t q2_max_refcount (const struct q2_image *img);
 /* Unpacks entry i of a refcount block. */
 uint64_t q2_refblock_entry (const uint8_t *block, uint32_t refcount_order,
                             uint64_t i);

@@ -274,10 +274,12 @@ prepare (struct q2_image *img, bool data_changes)
   if (img->corrupt)
     return q2_err (EIO, "the image is marked corrupt; writes are refused "
                    "until it is repaired");
-  if ((r = q2_check_snapshots_usable (img)) < 0)
-    return r;
   if (img->header_touched)
     return 0;
+  /* Once per image, not on every write: the table only changes under
+   * the snapshot operations, which come back here. */
+  if ((r = q2_check_snapshots_usable (img)) < 0)
+    return r;
   bitmaps = img->hdr.has_bitmaps_ext &&
     (img->hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS);
   if (!data_changes && bitmaps)

@@ -105,8 +105,8 @@ q2_refcount_get (struct q2_image *img, uint64_t cluster_index,
   return 0;
 }
 
-static uint64_t
-max_refcount (const struct q2_image *img)
+uint64_t
+q2_max_refcount (const struct q2_image *img)
 {
   return img->refcount_bits == 64 ? UINT64_MAX :
     (1ULL << img->refcount_bits) - 1;
@@ -184,7 +184,7 @@ q2_refcount_update (struct q2_image *img, uint64_t cluster_index,
                      (unsigned long long) cluster_index);
   }
   old = q2_refblock_entry (slice, img->hdr.refcount_order, i);
-  if (delta > 0 && old > max_refcount (img) - (uint64_t) delta)
+  if (delta > 0 && old > q2_max_refcount (img) - (uint64_t) delta)
     return q2_err (EIO, "refcount of cluster %llu would overflow %u-bit "
                    "refcounts", (unsigned long long) cluster_index,
                    img->refcount_bits);

@@ -403,17 +403,13 @@ count_reference (struct q2_image *img, uint64_t first, uint64_t last,
 static int
 check_headroom (struct q2_image *img, const uint64_t *l1, uint32_t l1_size)
 {
-  uint64_t max = img->refcount_bits == 64 ? UINT64_MAX :
-    (1ULL << img->refcount_bits) - 1;
+  uint64_t max = q2_max_refcount (img);
   struct headroom h;
   uint64_t c;
   int r;
 
-  h.nb = (img->file_size + img->cluster_size - 1) >> img->cluster_bits;
-  if (h.nb > MAX_COUNTED_CLUSTERS)
-    return q2_err (EFBIG, "the file has %llu clusters, too many to count "
-                   "references in memory (at most %u)",
-                   (unsigned long long) h.nb, MAX_COUNTED_CLUSTERS);
+  if ((r = q2_counted_clusters (img, &h.nb)) < 0)
+    return r;
   h.adds = calloc (h.nb ? h.nb : 1, sizeof *h.adds);
   if (h.adds == NULL)
     return q2_err (ENOMEM, "out of memory counting references");
@@ -459,7 +455,7 @@ q2_snapshot_drop_invalid (struct q2_image *img, uint32_t *dropped)
   if (keep == NULL)
     return q2_err (ENOMEM, "out of memory");
   for (i = 0; i < img->nb_snapshots; i++)
-    if (q2_snapshot_l1_valid (img, &img->snapshots[i]) == 0)
+    if (!img->snapshots[i].broken)
       keep[n++] = img->snapshots[i];
   if (n == img->nb_snapshots) {
     free (keep);
@@ -470,7 +466,7 @@ q2_snapshot_drop_invalid (struct q2_image *img, uint32_t *dropped)
     return r;
   }
   for (i = 0; i < img->nb_snapshots; i++)
-    if (q2_snapshot_l1_valid (img, &img->snapshots[i]) < 0) {
+    if (img->snapshots[i].broken) {
       free (img->snapshots[i].id);
       free (img->snapshots[i].name);
       free (img->snapshots[i].extra);
