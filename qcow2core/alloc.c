@@ -95,7 +95,9 @@ q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
 int
 q2_free_later (struct q2_image *img, uint64_t offset, uint64_t length)
 {
-  if (length == 0)
+  /* Once the image is corrupt, freeing could release live metadata (a
+   * cluster the overlap check just refused, say): leak instead. */
+  if (length == 0 || img->corrupt)
     return 0;
   if (img->nb_pending_free == img->cap_pending_free) {
     size_t cap = img->cap_pending_free ? img->cap_pending_free * 2 : 64;
@@ -113,12 +115,18 @@ q2_free_later (struct q2_image *img, uint64_t offset, uint64_t length)
   return 0;
 }
 
-/* Gives clusters whose refcount reached zero back to the file system. */
+/* Gives clusters whose refcount reached zero back to the file system,
+ * but never a range that still holds metadata: a refcount that wrongly
+ * reached zero there must not destroy the tables. */
 static void
 punch (struct q2_image *img, uint64_t offset, uint64_t length)
 {
-  if (length > 0 &&
-      fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+  const char *hit;
+
+  if (length == 0 ||
+      q2_find_overlap (img, offset, length, Q2_OVERLAP_ALL, &hit) < 0 || hit)
+    return;
+  if (fallocate (img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                  offset, length) == -1) {
     /* Not every file system can punch holes; the space stays used. */
   }
@@ -139,6 +147,10 @@ q2_apply_pending_frees (struct q2_image *img)
   size_t i;
   int r = 0;
 
+  if (img->corrupt) {
+    img->nb_pending_free = 0;   /* leaked, see q2_free_later */
+    return 0;
+  }
   /* In file order, so that freed neighbours are punched as one range:
    * clusters smaller than a file system block free nothing alone. */
   qsort (img->pending_free, img->nb_pending_free, sizeof *img->pending_free,

@@ -419,6 +419,18 @@ parse_header (const uint8_t *buf, size_t len, uint64_t file_size,
                 "has no data file name extension");
     goto fail;
   }
+  if (!(h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) &&
+      (h->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW)) {
+    r = q2_err (EINVAL, "autoclear bit 1 (raw external data file) is set "
+                "but the image has no external data file");
+    goto fail;
+  }
+  if (h->crypt_method != 2 && h->has_crypto_ext) {
+    r = q2_err (EINVAL, "the header has a full disk encryption extension "
+                "but crypt_method is %u (only LUKS images have one)",
+                h->crypt_method);
+    goto fail;
+  }
   if (h->crypt_method == 2 && !h->has_crypto_ext) {
     r = q2_err (EINVAL, "crypt_method is LUKS but the header has no full "
                 "disk encryption extension");

@@ -546,10 +546,14 @@ int q2_mark_corrupt (struct q2_image *img, const char *fmt, ...)
 #define Q2_OVERLAP_FIXED 1      /* header, L1 table, refcount table */
 #define Q2_OVERLAP_L2 2         /* active L2 tables */
 #define Q2_OVERLAP_REFBLOCKS 4
-#define Q2_OVERLAP_SNAPSHOTS 8  /* snapshot table */
+#define Q2_OVERLAP_SNAPSHOTS 8  /* snapshot table, snapshot L1 tables */
 #define Q2_OVERLAP_ALL 15
 int q2_check_overlap (struct q2_image *img, uint64_t off, uint64_t len,
                       const char *what, unsigned kinds);
+/* The same test without consequences: *hit names the metadata that
+ * [off, off+len) overlaps, or is NULL. */
+int q2_find_overlap (struct q2_image *img, uint64_t off, uint64_t len,
+                     unsigned kinds, const char **hit);
 /* Writers (io_lock exclusive): rebuild the overlap index if stale. */
 int q2_meta_index_refresh (struct q2_image *img);
 /* An L2 table or refcount block moved from old_off to new_off (either

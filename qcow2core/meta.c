@@ -184,27 +184,58 @@ index_hit (const struct q2_image *img, uint64_t off, uint64_t len,
   return NULL;
 }
 
+/* A linear scan: tables are few, and an image without snapshots pays
+ * nothing. */
+static const char *
+snapshot_hit (const struct q2_image *img, uint64_t off, uint64_t len)
+{
+  uint32_t i;
+
+  if (img->nb_snapshots &&
+      overlaps (off, len, img->hdr.snapshots_offset,
+                Q2_ROUND_UP (img->snapshot_table_len, img->cluster_size)))
+    return "the snapshot table";
+  for (i = 0; i < img->nb_snapshots; i++) {
+    const struct q2_snapshot *s = &img->snapshots[i];
+    if (!s->broken &&
+        overlaps (off, len, s->l1_offset,
+                  Q2_ROUND_UP ((uint64_t) s->l1_size * 8, img->cluster_size)))
+      return "a snapshot's L1 table";
+  }
+  return NULL;
+}
+
+int
+q2_find_overlap (struct q2_image *img, uint64_t off, uint64_t len,
+                 unsigned kinds, const char **hit)
+{
+  int r;
+
+  *hit = NULL;
+  if ((kinds & Q2_OVERLAP_FIXED) &&
+      q2_overlaps_fixed_metadata (img, off, len))
+    *hit = "the header, L1 table or refcount table";
+  /* The index only goes stale under the exclusive lock, and the
+   * shared-lock write path never calls this while it is stale. */
+  if (!*hit && (kinds & (Q2_OVERLAP_L2 | Q2_OVERLAP_REFBLOCKS))) {
+    if ((r = q2_meta_index_refresh (img)) < 0)
+      return r;
+    *hit = index_hit (img, off, len, kinds);
+  }
+  if (!*hit && (kinds & Q2_OVERLAP_SNAPSHOTS))
+    *hit = snapshot_hit (img, off, len);
+  return 0;
+}
+
 int
 q2_check_overlap (struct q2_image *img, uint64_t off, uint64_t len,
                   const char *what, unsigned kinds)
 {
-  uint64_t cs = img->cluster_size;
-  const char *hit = NULL;
-  int r;
+  const char *hit;
+  int r = q2_find_overlap (img, off, len, kinds, &hit);
 
-  if ((kinds & Q2_OVERLAP_FIXED) &&
-      q2_overlaps_fixed_metadata (img, off, len))
-    hit = "the header, L1 table or refcount table";
-  /* The index only goes stale under the exclusive lock, and the
-   * shared-lock write path never calls this while it is stale. */
-  if (!hit && (kinds & (Q2_OVERLAP_L2 | Q2_OVERLAP_REFBLOCKS))) {
-    if ((r = q2_meta_index_refresh (img)) < 0)
-      return r;
-    hit = index_hit (img, off, len, kinds);
-  }
-  if (!hit && (kinds & Q2_OVERLAP_SNAPSHOTS) && img->hdr.nb_snapshots &&
-      overlaps (off, len, img->hdr.snapshots_offset, cs))
-    hit = "the snapshot table";
+  if (r < 0)
+    return r;
   if (hit)
     return q2_mark_corrupt (img, "preventing invalid write of %s at host "
                             "offset %#llx (%llu bytes): it overlaps %s",
@@ -213,10 +244,83 @@ q2_check_overlap (struct q2_image *img, uint64_t off, uint64_t len,
   return 0;
 }
 
+struct range_list {
+  struct q2_range *r;
+  size_t n, cap;
+};
+
 static int
-free_range (void *opaque, uint64_t off, uint64_t len, const char *what)
+collect_range (void *opaque, uint64_t off, uint64_t len, const char *what)
 {
-  return q2_free_later (opaque, off, len);
+  struct range_list *l = opaque;
+
+  if (l->n == l->cap) {
+    size_t cap = l->cap ? l->cap * 2 : 16;
+    struct q2_range *p = realloc (l->r, cap * sizeof *p);
+    if (p == NULL)
+      return q2_err (ENOMEM, "out of memory");
+    l->r = p;
+    l->cap = cap;
+  }
+  l->r[l->n++] = (struct q2_range) { off, len };
+  return 0;
+}
+
+static int
+compare_offsets (const void *x, const void *y)
+{
+  const struct q2_range *a = x, *b = y;
+
+  return a->offset < b->offset ? -1 : a->offset > b->offset;
+}
+
+/* Are the bitmaps' clusters safe to free: aligned, inside the file,
+ * counted, no metadata and each named once?  A bogus directory could
+ * point anywhere, and freeing would release live clusters. */
+static bool
+bitmap_ranges_valid (struct q2_image *img, struct range_list *l)
+{
+  uint64_t cs = img->cluster_size, c, rc;
+  const char *hit;
+  size_t i;
+
+  qsort (l->r, l->n, sizeof *l->r, compare_offsets);
+  for (i = 0; i < l->n; i++) {
+    const struct q2_range *x = &l->r[i];
+    if (x->length == 0 || !Q2_IS_ALIGNED (x->offset, cs) ||
+        x->offset >= img->file_size ||
+        x->length > img->file_size - x->offset ||
+        (i > 0 && l->r[i - 1].offset + l->r[i - 1].length > x->offset) ||
+        q2_find_overlap (img, x->offset, x->length, Q2_OVERLAP_ALL, &hit) < 0 ||
+        hit)
+      return false;
+    for (c = x->offset / cs; c <= (x->offset + x->length - 1) / cs; c++)
+      if (q2_refcount_get (img, c, &rc) < 0 || rc == 0)
+        return false;
+  }
+  return true;
+}
+
+/* Queues the persistent bitmaps' clusters for freeing, or leaves them
+ * leaked when the directory does not describe them sanely. */
+static int
+free_bitmap_clusters (struct q2_image *img)
+{
+  struct range_list l = { NULL, 0, 0 };
+  size_t i;
+  int r = q2_bitmap_clusters (img, collect_range, &l);
+
+  if (r == -ENOMEM) {
+    free (l.r);
+    return r;
+  }
+  if (r == 0 && bitmap_ranges_valid (img, &l))
+    for (i = 0; r == 0 && i < l.n; i++)
+      r = q2_free_later (img, l.r[i].offset, l.r[i].length);
+  else
+    r = 0;
+  free (l.r);
+  return r;
 }
 
 /* Rewrites the header extension area without the bitmaps extension. */
@@ -287,8 +391,7 @@ prepare (struct q2_image *img, bool data_changes)
   if (img->hdr.version >= 3 && (img->hdr.autoclear_features & ~keep)) {
     /* The bitmaps' clusters are released too, or they would show up as
      * leaks once QEMU stops trusting the bitmaps. */
-    if (data_changes && bitmaps &&
-        (r = q2_bitmap_clusters (img, free_range, img)) < 0)
+    if (data_changes && bitmaps && (r = free_bitmap_clusters (img)) < 0)
       return r;
     img->hdr.autoclear_features &= keep;
     q2_put_be64 (b, img->hdr.autoclear_features);

@@ -243,6 +243,11 @@ setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
                    &img->data_fd, &img->data_file_size);
     if (r < 0)
       return r;
+    /* QEMU locks the data file as it locks the image. */
+    if (img->locking &&
+        (r = q2_lock_image (img->data_fd, img->data_path,
+                            !img->readonly)) < 0)
+      return r;
   }
   return 0;
 }
@@ -511,23 +516,32 @@ reopen_rw (int fd, const char *path, const char *what)
 int
 q2_switch_to_rw (struct q2_image *img)
 {
+  bool data_file = img->data_fd != img->fd;
   uint64_t i;
   int r;
 
   if (!img->readonly)
     return 0;
-  if (img->locking)
+  if (img->locking) {
     q2_unlock_image (img->fd);
+    if (data_file)
+      q2_unlock_image (img->data_fd);
+  }
   /* The new file description has no locks yet.  On any failure, go back
    * to the shared locks of a reader: still serving the image read-only,
    * we must keep QEMU from writing it under us. */
   if ((r = reopen_rw (img->fd, img->path, "image")) < 0 ||
       (img->locking && (r = q2_lock_image (img->fd, img->path, true)) < 0) ||
-      (img->data_fd != img->fd &&
-       (r = reopen_rw (img->data_fd, img->data_path,
-                       "external data file")) < 0)) {
-    if (img->locking)
+      (data_file &&
+       ((r = reopen_rw (img->data_fd, img->data_path,
+                        "external data file")) < 0 ||
+        (img->locking &&
+         (r = q2_lock_image (img->data_fd, img->data_path, true)) < 0)))) {
+    if (img->locking) {
       q2_lock_image (img->fd, img->path, false);
+      if (data_file)
+        q2_lock_image (img->data_fd, img->data_path, false);
+    }
     return r;
   }
   img->reftable_used = 0;
@@ -539,6 +553,35 @@ q2_switch_to_rw (struct q2_image *img)
   q2_cache_set_writeback (img->l2_cache, q2_l2_writeback, img);
   q2_cache_set_writeback (img->rb_cache, q2_rb_writeback, img);
   img->readonly = false;
+  return 0;
+}
+
+static bool
+same_file (int a, int b)
+{
+  struct stat sa, sb;
+
+  return fstat (a, &sa) == 0 && fstat (b, &sb) == 0 &&
+    sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino &&
+    sa.st_rdev == sb.st_rdev;
+}
+
+/* Guest writes go to the data file unchecked (it holds no metadata), so
+ * it must be neither the image nor a file the image reads from. */
+static int
+check_data_file_target (const struct q2_image *img)
+{
+  const struct q2_image *b;
+
+  if (img->data_fd == img->fd)
+    return 0;
+  for (b = img; b; b = b->backing)
+    if (same_file (img->data_fd, b->fd) ||
+        (b != img && same_file (img->data_fd, b->data_fd)))
+      return q2_err (EROFS, "%s: the external data file %s is %s itself; "
+                     "the image is served read-only", img->path,
+                     img->data_path, b == img ? "the image" :
+                     "a backing file");
   return 0;
 }
 
@@ -559,6 +602,8 @@ make_writable_locked (struct q2_image *img)
                    "repaired (qemu-img check -r all)", img->path);
   if ((r = q2_check_snapshots_usable (img)) < 0)
     return q2_err_prefix (r, "%s", img->path);
+  if ((r = check_data_file_target (img)) < 0)
+    return r;
   if ((r = q2_switch_to_rw (img)) < 0)
     return r;
   /* Refcounts of a dirty image may be stale: rebuild them from the

@@ -80,7 +80,8 @@ parse_one (struct q2_image *img, const uint8_t *p, uint64_t avail,
     (s->l1_size && (s->l1_offset >= img->file_size ||
                     (uint64_t) s->l1_size * 8 >
                     img->file_size - s->l1_offset));
-  *len = Q2_ROUND_UP (need, 8);
+  /* The last entry's padding may be missing at the end of the file. */
+  *len = Q2_MIN (Q2_ROUND_UP (need, 8), avail);
   return 0;
 }
 
@@ -284,6 +285,9 @@ write_table (struct q2_image *img, struct q2_snapshot *snaps, uint32_t n)
     }
     r = q2_alloc_clusters (img, Q2_ROUND_UP (len, img->cluster_size) /
                            img->cluster_size, &off, &fresh);
+    if (r == 0)
+      r = q2_check_overlap (img, off, Q2_ROUND_UP (len, img->cluster_size),
+                            "snapshot table", Q2_OVERLAP_ALL);
     if (r == 0)
       r = q2_io_pwrite (img->fd, buf, Q2_ROUND_UP (len, img->cluster_size),
                         off, "snapshot table");
@@ -599,6 +603,9 @@ create_locked (struct q2_image *img, const char *name)
       q2_put_be64 (buf + i * 8, img->l1[i] & ~QCOW_OFLAG_COPIED);
     r = q2_alloc_clusters (img, Q2_ROUND_UP (l1_bytes, cs) / cs, &off, &fresh);
     if (r == 0)
+      r = q2_check_overlap (img, off, Q2_ROUND_UP (l1_bytes, cs),
+                            "snapshot L1 table", Q2_OVERLAP_ALL);
+    if (r == 0)
       r = q2_io_pwrite (img->fd, buf, Q2_ROUND_UP (l1_bytes, cs), off,
                         "snapshot L1 table");
     free (buf);
@@ -710,7 +717,9 @@ grow_l1 (struct q2_image *img, uint32_t new_size)
     return q2_err (ENOMEM, "out of memory");
   memcpy (l1, img->l1, old_bytes);
   if ((r = q2_alloc_clusters (img, Q2_ROUND_UP (bytes, cs) / cs, &off,
-                              &fresh)) < 0) {
+                              &fresh)) < 0 ||
+      (r = q2_check_overlap (img, off, Q2_ROUND_UP (bytes, cs), "L1 table",
+                             Q2_OVERLAP_ALL)) < 0) {
     free (l1);
     return r;
   }
