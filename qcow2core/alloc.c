@@ -202,7 +202,9 @@ q2_l2_writeback (void *opaque, uint64_t offset, const uint8_t *data,
     return r;
   r = q2_check_overlap (img, offset, len, "L2 table",
                         Q2_OVERLAP_ALL & ~Q2_OVERLAP_L2);
-  if (r < 0)
-    return r;
-  return q2_io_pwrite (img->fd, data, len, offset, "L2 table");
+  if (r == 0)
+    r = q2_io_pwrite (img->fd, data, len, offset, "L2 table");
+  if (r == 0)
+    img->unsynced |= Q2_UNSYNCED_L2;
+  return r;
 }

@@ -290,10 +290,9 @@ struct q2_image {
   bool corrupt;                 /* set: refuse every further write */
   bool header_touched;          /* autoclear bits cleared already */
   bool l1_dirty, reftable_dirty;
-  /* An L2 entry was pointed at newly written data since the last sync:
-   * that data must be synced before an L2 table is written
-   * (q2_flush_refcounts). */
-  bool data_unsynced;
+  /* What was written since the last ordered sync (Q2_UNSYNCED_*): each
+   * must be on disk before whatever points at it is written. */
+  unsigned unsynced;
   uint64_t reftable_used;       /* 1 + highest non-zero reftable index */
   uint64_t free_hint;           /* no free cluster below this index */
   /* Refcount decrements wait until the L2/L1 changes that dropped the
@@ -537,6 +536,13 @@ const uint8_t *q2_zero_buffer (struct q2_image *img);
 
 /* ---- meta.c: header updates, corruption, overlap checks, flush ---- */
 int q2_sync (struct q2_image *img);
+/* Written but not yet synced, for q2_image.unsynced: */
+#define Q2_UNSYNCED_DATA 1      /* data that an L2 entry now exposes */
+#define Q2_UNSYNCED_REFS 2      /* refcount blocks */
+#define Q2_UNSYNCED_L2 4        /* L2 tables */
+/* q2_sync that also clears q2_image.unsynced.  Exclusive lock only: a
+ * concurrent writer's flag could be cleared before its write is synced. */
+int q2_sync_ordered (struct q2_image *img);
 /* Marks the image corrupt on disk and refuses further writes; returns
  * -EIO with the message. */
 int q2_mark_corrupt (struct q2_image *img, const char *fmt, ...)

@@ -20,6 +20,16 @@ q2_sync (struct q2_image *img)
   return r;
 }
 
+int
+q2_sync_ordered (struct q2_image *img)
+{
+  int r = q2_sync (img);
+
+  if (r == 0)
+    img->unsynced = 0;
+  return r;
+}
+
 /* Header fields are patched in place, which keeps unknown fields and
  * extensions exactly as they were. */
 int
@@ -477,19 +487,20 @@ q2_flush_locked (struct q2_image *img)
     return 0;
   if ((r = q2_flush_refcounts (img)) < 0)
     return r;
-  if (q2_cache_has_dirty (img->l2_cache)) {
-    if ((r = q2_cache_flush (img->l2_cache)) < 0)
-      return r;
-    if (img->l1_dirty && (r = q2_sync (img)) < 0)
-      return r;
-  }
+  if (q2_cache_has_dirty (img->l2_cache) &&
+      (r = q2_cache_flush (img->l2_cache)) < 0)
+    return r;
   if (img->l1_dirty) {
+    /* New L2 tables, whether still cached a moment ago or written back
+     * (or created) earlier, and their refcounts come first. */
+    if (img->unsynced && (r = q2_sync_ordered (img)) < 0)
+      return r;
     if ((r = write_l1 (img)) < 0)
       return r;
     img->l1_dirty = false;
   }
   if (img->nb_pending_free) {
-    if ((r = q2_sync (img)) < 0)
+    if ((r = q2_sync_ordered (img)) < 0)
       return r;
     if ((r = q2_apply_pending_frees (img)) < 0)
       return r;
@@ -499,5 +510,5 @@ q2_flush_locked (struct q2_image *img)
   if ((r = extend_to_last_cluster (img)) < 0)
     return r;
   /* Data written in place, and whatever the steps above wrote. */
-  return q2_sync (img);
+  return q2_sync_ordered (img);
 }

@@ -144,6 +144,7 @@ create_refblock (struct q2_image *img, uint64_t rt_index, uint64_t avoid)
     return r;
   if ((r = write_zero_cluster (img, loc << img->cluster_bits)) < 0)
     return r;
+  img->unsynced |= Q2_UNSYNCED_REFS;
   q2_cache_discard (img->rb_cache, loc << img->cluster_bits,
                     img->cluster_size);
   img->reftable[rt_index] = loc << img->cluster_bits;
@@ -353,33 +354,30 @@ grow_reftable (struct q2_image *img, uint64_t need_rt)
 int
 q2_flush_refcounts (struct q2_image *img)
 {
-  bool wrote = false;
   int r;
 
-  if (q2_cache_has_dirty (img->rb_cache)) {
-    if ((r = q2_cache_flush (img->rb_cache)) < 0)
-      return r;
-    /* New blocks must be on disk before the table points at them. */
-    if (img->reftable_dirty && (r = q2_sync (img)) < 0)
-      return r;
-    wrote = true;
-  }
+  if (q2_cache_has_dirty (img->rb_cache) &&
+      (r = q2_cache_flush (img->rb_cache)) < 0)
+    return r;
   if (img->reftable_dirty) {
+    /* New blocks must be on disk before the table points at them, also
+     * those that eviction wrote back earlier. */
+    if ((img->unsynced & Q2_UNSYNCED_REFS) &&
+        (r = q2_sync_ordered (img)) < 0)
+      return r;
     r = q2_write_reftable (img, img->reftable, img->reftable_entries,
                            img->hdr.refcount_table_offset);
     if (r < 0)
       return r;
     img->reftable_dirty = false;
-    wrote = true;
+    img->unsynced |= Q2_UNSYNCED_REFS;
   }
   /* Refcounts, and the data of newly linked clusters (which may have
    * been written after their refcounts were flushed), reach the disk
    * before any L2 entry that needs them. */
-  if (!wrote && !img->data_unsynced)
+  if (!(img->unsynced & (Q2_UNSYNCED_REFS | Q2_UNSYNCED_DATA)))
     return 0;
-  if ((r = q2_sync (img)) == 0)
-    img->data_unsynced = false;
-  return r;
+  return q2_sync_ordered (img);
 }
 
 int
@@ -390,9 +388,11 @@ q2_rb_writeback (void *opaque, uint64_t offset, const uint8_t *data,
   int r = q2_check_overlap (img, offset, len, "refcount block",
                             Q2_OVERLAP_ALL & ~Q2_OVERLAP_REFBLOCKS);
 
-  if (r < 0)
-    return r;
-  return q2_io_pwrite (img->fd, data, len, offset, "refcount block");
+  if (r == 0)
+    r = q2_io_pwrite (img->fd, data, len, offset, "refcount block");
+  if (r == 0)
+    img->unsynced |= Q2_UNSYNCED_REFS;
+  return r;
 }
 
 int

@@ -63,6 +63,7 @@ q2_l2_table_for_write (struct q2_image *img, uint64_t guest_offset,
     r = q2_io_pwrite (img->fd, buf, img->cluster_size, t, "new L2 table");
     if (r < 0)
       return r;
+    img->unsynced |= Q2_UNSYNCED_L2;
   }
   q2_cache_discard (img->l2_cache, t, img->cluster_size);
   /* The L1 entry reaches the disk at flush, after the table is synced. */
@@ -428,7 +429,7 @@ link_write (struct q2_image *img, const struct cluster_write *w)
     img->file_size = w->host + w->rb;
   /* The entry must not reach the disk before the data it now exposes
    * (copy-on-write included): see q2_flush_refcounts. */
-  img->data_unsynced = true;
+  img->unsynced |= Q2_UNSYNCED_DATA;
   r = q2_set_l2_entry (img, w->l2, w->gc, w->host | QCOW_OFLAG_COPIED,
                        w->new_bitmap);
   if (r == 0 && w->release_old)

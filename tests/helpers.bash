@@ -77,9 +77,18 @@ stop_nbdkit ()
     fi
 }
 
-# qemu_nbd_map IMG: the reference map from qemu-nbd, without image locks.
+# qemu_nbd_map IMG: the reference map from qemu-nbd, without image locks
+# (on the image and on its external data file, which we lock too).
 qemu_nbd_map ()
 {
-    nbdinfo --map -- [ qemu-nbd -r --image-opts \
-        "driver=qcow2,file.filename=$1,file.locking=off" ]
+    local opts="driver=qcow2,file.filename=$1,file.locking=off" df
+    df="$(qemu-img info -U --output=json "$1" | /usr/bin/python3 -c '
+import json, os, sys
+j = json.load(sys.stdin)
+d = j.get("format-specific", {}).get("data", {}).get("data-file")
+if d:
+    print(os.path.join(os.path.dirname(sys.argv[1]), d))' "$1")"
+    [ -z "$df" ] ||
+        opts="$opts,data-file.driver=file,data-file.filename=$df,data-file.locking=off"
+    nbdinfo --map -- [ qemu-nbd -r --image-opts "$opts" ]
 }
