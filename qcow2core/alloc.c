@@ -93,23 +93,33 @@ q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
 }
 
 int
+q2_push_range (struct q2_range **v, size_t *n, size_t *cap, uint64_t offset,
+               uint64_t length)
+{
+  if (*n == *cap) {
+    size_t c = *cap ? *cap * 2 : 64;
+    struct q2_range *p = realloc (*v, c * sizeof *p);
+    if (p == NULL)
+      return q2_err (ENOMEM, "out of memory for a list of cluster ranges");
+    *v = p;
+    *cap = c;
+  }
+  (*v)[(*n)++] = (struct q2_range) { offset, length };
+  return 0;
+}
+
+int
 q2_free_later (struct q2_image *img, uint64_t offset, uint64_t length)
 {
+  int r;
+
   /* Once the image is corrupt, freeing could release live metadata (a
    * cluster the overlap check just refused, say): leak instead. */
   if (length == 0 || img->corrupt)
     return 0;
-  if (img->nb_pending_free == img->cap_pending_free) {
-    size_t cap = img->cap_pending_free ? img->cap_pending_free * 2 : 64;
-    struct q2_range *p = realloc (img->pending_free, cap * sizeof *p);
-    if (p == NULL)
-      return q2_err (ENOMEM, "out of memory queueing freed clusters");
-    img->pending_free = p;
-    img->cap_pending_free = cap;
-  }
-  img->pending_free[img->nb_pending_free].offset = offset;
-  img->pending_free[img->nb_pending_free].length = length;
-  img->nb_pending_free++;
+  if ((r = q2_push_range (&img->pending_free, &img->nb_pending_free,
+                          &img->cap_pending_free, offset, length)) < 0)
+    return r;
   if (img->nb_pending_free >= MAX_PENDING_FREES)
     return q2_flush_locked (img);
   return 0;
@@ -132,8 +142,8 @@ punch (struct q2_image *img, uint64_t offset, uint64_t length)
   }
 }
 
-static int
-compare_ranges (const void *x, const void *y)
+int
+q2_compare_ranges (const void *x, const void *y)
 {
   const struct q2_range *a = x, *b = y;
 
@@ -154,7 +164,7 @@ q2_apply_pending_frees (struct q2_image *img)
   /* In file order, so that freed neighbours are punched as one range:
    * clusters smaller than a file system block free nothing alone. */
   qsort (img->pending_free, img->nb_pending_free, sizeof *img->pending_free,
-         compare_ranges);
+         q2_compare_ranges);
   for (i = 0; i < img->nb_pending_free; i++) {
     const struct q2_range *f = &img->pending_free[i];
     uint64_t c, first = f->offset / cs;
@@ -178,7 +188,8 @@ q2_apply_pending_frees (struct q2_image *img)
     }
   }
  out:
-  punch (img, run, run_len);
+  if (!img->corrupt)            /* an underflow above marks it */
+    punch (img, run, run_len);
   /* Whatever was applied is gone from the queue. */
   if (r < 0) {
     memmove (img->pending_free, img->pending_free + i,

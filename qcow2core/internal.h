@@ -268,6 +268,12 @@ struct q2_image {
   struct q2_snapshot *snapshots;
   uint32_t nb_snapshots;
   uint64_t snapshot_table_len;  /* bytes */
+  /* The snapshots' L1 tables as sorted, merged host ranges, for the
+   * overlap check of every write; without memory for it (!snap_l1_ok),
+   * the check scans the list. */
+  struct q2_range *snap_l1;
+  size_t nb_snap_l1;
+  bool snap_l1_ok;
 
   /* Guards the caches below and the lazily computed fields. */
   pthread_mutex_t lock;
@@ -343,6 +349,8 @@ int q2_switch_to_rw (struct q2_image *img);
 
 int q2_snapshots_load (struct q2_image *img);
 void q2_snapshots_free (struct q2_image *img);
+/* Recomputes snap_l1 from the list; after every change of the list. */
+void q2_snapshot_ranges_rebuild (struct q2_image *img);
 
 /* ---- check.c: reference walk and refcount rebuild ---- */
 /* Walks that count per cluster of the file stop at this many clusters,
@@ -496,6 +504,11 @@ int q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
 int q2_free_later (struct q2_image *img, uint64_t offset, uint64_t length);
 /* Applies queued decrements; the references are already gone on disk. */
 int q2_apply_pending_frees (struct q2_image *img);
+/* Appends to a growing array of ranges. */
+int q2_push_range (struct q2_range **v, size_t *n, size_t *cap,
+                   uint64_t offset, uint64_t length);
+/* qsort comparison of struct q2_range by offset. */
+int q2_compare_ranges (const void *x, const void *y);
 /* Writes dirty refcount blocks and the refcount table, durably. */
 int q2_flush_refcounts (struct q2_image *img);
 int q2_l2_writeback (void *opaque, uint64_t offset, const uint8_t *data,
@@ -540,8 +553,10 @@ int q2_sync (struct q2_image *img);
 #define Q2_UNSYNCED_DATA 1      /* data that an L2 entry now exposes */
 #define Q2_UNSYNCED_REFS 2      /* refcount blocks */
 #define Q2_UNSYNCED_L2 4        /* L2 tables */
-/* q2_sync that also clears q2_image.unsynced.  Exclusive lock only: a
- * concurrent writer's flag could be cleared before its write is synced. */
+/* q2_sync that also clears q2_image.unsynced.  Only where nobody else
+ * can set a flag meanwhile (io_lock exclusive, or shared together with
+ * img->lock, which the cache writebacks of readers hold): a concurrent
+ * writer's flag could otherwise be cleared before its write is synced. */
 int q2_sync_ordered (struct q2_image *img);
 /* Marks the image corrupt on disk and refuses further writes; returns
  * -EIO with the message. */

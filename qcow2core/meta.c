@@ -194,24 +194,38 @@ index_hit (const struct q2_image *img, uint64_t off, uint64_t len,
   return NULL;
 }
 
-/* A linear scan: tables are few, and an image without snapshots pays
- * nothing. */
 static const char *
 snapshot_hit (const struct q2_image *img, uint64_t off, uint64_t len)
 {
+  size_t lo = 0, hi = img->nb_snap_l1;
   uint32_t i;
 
   if (img->nb_snapshots &&
       overlaps (off, len, img->hdr.snapshots_offset,
                 Q2_ROUND_UP (img->snapshot_table_len, img->cluster_size)))
     return "the snapshot table";
-  for (i = 0; i < img->nb_snapshots; i++) {
-    const struct q2_snapshot *s = &img->snapshots[i];
-    if (!s->broken &&
-        overlaps (off, len, s->l1_offset,
-                  Q2_ROUND_UP ((uint64_t) s->l1_size * 8, img->cluster_size)))
-      return "a snapshot's L1 table";
+  if (!img->snap_l1_ok) {
+    for (i = 0; i < img->nb_snapshots; i++) {
+      const struct q2_snapshot *s = &img->snapshots[i];
+      if (!s->broken &&
+          overlaps (off, len, s->l1_offset,
+                    Q2_ROUND_UP ((uint64_t) s->l1_size * 8,
+                                 img->cluster_size)))
+        return "a snapshot's L1 table";
+    }
+    return NULL;
   }
+  /* The first range that ends after off. */
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (img->snap_l1[mid].offset + img->snap_l1[mid].length <= off)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  if (lo < img->nb_snap_l1 &&
+      overlaps (off, len, img->snap_l1[lo].offset, img->snap_l1[lo].length))
+    return "a snapshot's L1 table";
   return NULL;
 }
 
@@ -264,24 +278,7 @@ collect_range (void *opaque, uint64_t off, uint64_t len, const char *what)
 {
   struct range_list *l = opaque;
 
-  if (l->n == l->cap) {
-    size_t cap = l->cap ? l->cap * 2 : 16;
-    struct q2_range *p = realloc (l->r, cap * sizeof *p);
-    if (p == NULL)
-      return q2_err (ENOMEM, "out of memory");
-    l->r = p;
-    l->cap = cap;
-  }
-  l->r[l->n++] = (struct q2_range) { off, len };
-  return 0;
-}
-
-static int
-compare_offsets (const void *x, const void *y)
-{
-  const struct q2_range *a = x, *b = y;
-
-  return a->offset < b->offset ? -1 : a->offset > b->offset;
+  return q2_push_range (&l->r, &l->n, &l->cap, off, len);
 }
 
 /* Are the bitmaps' clusters safe to free: aligned, inside the file,
@@ -294,7 +291,7 @@ bitmap_ranges_valid (struct q2_image *img, struct range_list *l)
   const char *hit;
   size_t i;
 
-  qsort (l->r, l->n, sizeof *l->r, compare_offsets);
+  qsort (l->r, l->n, sizeof *l->r, q2_compare_ranges);
   for (i = 0; i < l->n; i++) {
     const struct q2_range *x = &l->r[i];
     if (x->length == 0 || !Q2_IS_ALIGNED (x->offset, cs) ||
@@ -311,26 +308,18 @@ bitmap_ranges_valid (struct q2_image *img, struct range_list *l)
   return true;
 }
 
-/* Queues the persistent bitmaps' clusters for freeing, or leaves them
- * leaked when the directory does not describe them sanely. */
+/* The persistent bitmaps' clusters, to be freed; none (leaked) when
+ * the directory does not describe them sanely. */
 static int
-free_bitmap_clusters (struct q2_image *img)
+collect_bitmap_clusters (struct q2_image *img, struct range_list *l)
 {
-  struct range_list l = { NULL, 0, 0 };
-  size_t i;
-  int r = q2_bitmap_clusters (img, collect_range, &l);
+  int r = q2_bitmap_clusters (img, collect_range, l);
 
-  if (r == -ENOMEM) {
-    free (l.r);
+  if (r == -ENOMEM)
     return r;
-  }
-  if (r == 0 && bitmap_ranges_valid (img, &l))
-    for (i = 0; r == 0 && i < l.n; i++)
-      r = q2_free_later (img, l.r[i].offset, l.r[i].length);
-  else
-    r = 0;
-  free (l.r);
-  return r;
+  if (r < 0 || !bitmap_ranges_valid (img, l))
+    l->n = 0;
+  return 0;
 }
 
 /* Rewrites the header extension area without the bitmaps extension. */
@@ -379,8 +368,10 @@ static int
 prepare (struct q2_image *img, bool data_changes)
 {
   uint64_t keep = QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+  struct range_list l = { NULL, 0, 0 };
   bool bitmaps;
   uint8_t b[8];
+  size_t i;
   int r;
 
   if (img->readonly)
@@ -401,22 +392,32 @@ prepare (struct q2_image *img, bool data_changes)
   if (img->hdr.version >= 3 && (img->hdr.autoclear_features & ~keep)) {
     /* The bitmaps' clusters are released too, or they would show up as
      * leaks once QEMU stops trusting the bitmaps. */
-    if (data_changes && bitmaps && (r = free_bitmap_clusters (img)) < 0)
-      return r;
+    if (data_changes && bitmaps &&
+        (r = collect_bitmap_clusters (img, &l)) < 0)
+      goto out;
     img->hdr.autoclear_features &= keep;
     q2_put_be64 (b, img->hdr.autoclear_features);
     if ((r = q2_write_header_field (img, 88, b, 8)) < 0)
-      return r;
+      goto out;
     if (data_changes && bitmaps) {
       if ((r = drop_bitmaps_extension (img)) < 0)
-        return r;
+        goto out;
       img->hdr.has_bitmaps_ext = false;
     }
+    /* Only now that nothing points at them; a failure only leaks. */
+    for (i = 0; i < l.n; i++)
+      if (q2_free_later (img, l.r[i].offset, l.r[i].length) < 0)
+        break;
+    free (l.r);
   }
   /* Kept bitmaps must still be dropped by a later data write. */
   if (data_changes || !bitmaps)
     img->header_touched = true;
   return 0;
+
+ out:
+  free (l.r);
+  return r;
 }
 
 int

@@ -26,6 +26,48 @@ q2_snapshots_free (struct q2_image *img)
   img->snapshots = NULL;
   img->nb_snapshots = 0;
   img->snapshot_table_len = 0;
+  q2_snapshot_ranges_rebuild (img);
+}
+
+void
+q2_snapshot_ranges_rebuild (struct q2_image *img)
+{
+  struct q2_range *r = NULL;
+  size_t n = 0, i;
+  uint32_t k;
+
+  free (img->snap_l1);
+  img->snap_l1 = NULL;
+  img->nb_snap_l1 = 0;
+  img->snap_l1_ok = true;
+  if (img->nb_snapshots == 0)
+    return;
+  r = malloc (img->nb_snapshots * sizeof *r);
+  if (r == NULL) {
+    img->snap_l1_ok = false;
+    return;
+  }
+  for (k = 0; k < img->nb_snapshots; k++) {
+    const struct q2_snapshot *s = &img->snapshots[k];
+    if (!s->broken && s->l1_size)
+      r[n++] = (struct q2_range) {
+        s->l1_offset,
+        Q2_ROUND_UP ((uint64_t) s->l1_size * 8, img->cluster_size) };
+  }
+  qsort (r, n, sizeof *r, q2_compare_ranges);
+  /* Merged, the ends are sorted too, which the binary search needs. */
+  for (i = 1, k = 0; i < n; i++) {
+    struct q2_range *last = &r[k];
+    if (r[i].offset <= last->offset + last->length) {
+      uint64_t end = Q2_MAX (last->offset + last->length,
+                             r[i].offset + r[i].length);
+      last->length = end - last->offset;
+    }
+    else
+      r[++k] = r[i];
+  }
+  img->snap_l1 = r;
+  img->nb_snap_l1 = n ? k + 1 : 0;
 }
 
 static int
@@ -156,6 +198,7 @@ q2_snapshots_load (struct q2_image *img)
     return r;
   }
   img->snapshot_table_len = pos;
+  q2_snapshot_ranges_rebuild (img);
   return 0;
 }
 
@@ -479,6 +522,7 @@ q2_snapshot_drop_invalid (struct q2_image *img, uint32_t *dropped)
   free (img->snapshots);
   img->snapshots = keep;
   img->nb_snapshots = n;
+  q2_snapshot_ranges_rebuild (img);
   return q2_flush_locked (img);
 }
 
@@ -650,6 +694,7 @@ create_locked (struct q2_image *img, const char *name)
   free (img->snapshots);
   img->snapshots = snaps;
   img->nb_snapshots++;
+  q2_snapshot_ranges_rebuild (img);
   return q2_flush_locked (img);
 }
 
@@ -685,6 +730,7 @@ delete_locked (struct q2_image *img, const char *name_or_id)
   free (img->snapshots);
   img->snapshots = snaps;
   img->nb_snapshots--;
+  q2_snapshot_ranges_rebuild (img);
 
   /* 2. Its tree and L1 lose a reference (nothing on disk points there
    * any more, so the decrements need not wait). */
@@ -709,7 +755,7 @@ grow_l1 (struct q2_image *img, uint32_t new_size)
   uint64_t old_off = img->hdr.l1_table_offset;
   uint64_t old_bytes = (uint64_t) img->l1_size * 8;
   uint64_t *l1 = calloc (new_size, sizeof *l1);
-  uint8_t hdr[4], hdr2[8];
+  uint8_t hdr[12];
   bool fresh;
   int r;
 
@@ -732,10 +778,10 @@ grow_l1 (struct q2_image *img, uint32_t new_size)
   img->l1_dirty = true;
   if ((r = q2_flush_locked (img)) < 0)
     return r;
+  /* Size and offset in one write: a crash must not pair them wrongly. */
   q2_put_be32 (hdr, new_size);
-  q2_put_be64 (hdr2, off);
-  if ((r = q2_write_header_field (img, 36, hdr, 4)) < 0 ||
-      (r = q2_write_header_field (img, 40, hdr2, 8)) < 0)
+  q2_put_be64 (hdr + 4, off);
+  if ((r = q2_write_header_field (img, 36, hdr, 12)) < 0)
     return r;
   return old_bytes ? q2_free_later (img, old_off, old_bytes) : 0;
 }

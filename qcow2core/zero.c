@@ -149,6 +149,7 @@ zero_cluster (struct q2_image *img, uint64_t gc, bool may_trim, bool discard)
      * file reading zeros too. */
     if ((r = q2_zero_host (img, img->data_fd, gc, img->cluster_size)) < 0)
       return r;
+    img->unsynced |= Q2_UNSYNCED_DATA;  /* before the zero flag lands */
     keep_host = s.allocated;
   }
   else
@@ -197,6 +198,7 @@ zero_subclusters (struct q2_image *img, uint64_t gc, unsigned sa, unsigned sb)
                            img->virtual_size - off);
     if ((r = q2_zero_host (img, img->data_fd, off, len)) < 0)
       return r;
+    img->unsynced |= Q2_UNSYNCED_DATA;
   }
   bitmap = s.bitmap;
   for (i = sa; i <= sb; i++)

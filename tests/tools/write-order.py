@@ -106,6 +106,7 @@ def report(msg):
 
 
 first_write = {}
+checked = {"l1": 0, "reftable": 0, "l2": 0}   # pointer changes examined
 
 
 def unsynced(cluster):
@@ -137,6 +138,7 @@ while pos < len(mm):
                     ne = be64(data, eo - off) & MASK
                     oe = be64(old, eo - off) & MASK
                     if ne and ne != oe:
+                        checked["l1"] += 1
                         if unsynced(ne >> cbits):
                             report(f"L1[{k}] -> L2 table {ne:#x} whose first write (record {first_write[ne >> cbits]}) is not synced")
                         if refcount(dur, ne >> cbits) == 0:
@@ -149,6 +151,8 @@ while pos < len(mm):
                     continue
                 ne = be64(data, eo - off) & ~0x1ff
                 oe = be64(old, eo - off) & ~0x1ff
+                if ne and ne != oe:
+                    checked["reftable"] += 1
                 if ne and ne != oe and unsynced(ne >> cbits):
                     report(f"reftable[{(eo - rto) // 8}] -> block {ne:#x} whose first write (record {first_write[ne >> cbits]}) is not synced")
         # L2 slice write (cluster is a current L2 table)
@@ -163,6 +167,7 @@ while pos < len(mm):
                     continue
                 nh = ne & MASK
                 if nh and nh != (oe & MASK):
+                    checked["l2"] += 1
                     if unsynced(nh >> cbits):
                         report(f"L2 entry at {eo:#x} -> data {nh:#x} whose first write (record {first_write[nh >> cbits]}) is not synced")
                     if refcount(dur, nh >> cbits) == 0:
@@ -198,4 +203,5 @@ while pos < len(mm):
             last_write[c] = i
     i += 1
 print(f"ORDER: {i} records, {viol} violations")
+print("CHECKED: " + " ".join(f"{k}={v}" for k, v in checked.items()))
 sys.exit(1 if viol else 0)
