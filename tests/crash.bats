@@ -218,3 +218,41 @@ for i in range(3):
 h.flush()
 h.shutdown()' l2-cache-size=1024
 }
+
+@test "power failure: a snapshot apply that grows the L1 table switches its size and offset in one write" {
+    cd "$BATS_TEST_TMPDIR"
+    local tool="$BATS_TEST_DIRNAME/../tools/qcow2-tool"
+    [ "${SANITIZE:-}" != 1 ] || tool="$BATS_TEST_DIRNAME/../build-san/qcow2-tool"
+    qemu-img create -q -f qcow2 g.qcow2 4G
+    qemu-io -c 'write -P 0x11 3G 64k' g.qcow2 >/dev/null
+    qemu-img snapshot -c s1 g.qcow2
+    # The active image shrinks to 16 MiB with a one-entry L1 table, so
+    # applying s1 (8 entries) needs a new, bigger L1 table.
+    /usr/bin/python3 -c '
+import struct, sys
+f = open(sys.argv[1], "r+b")
+f.seek(24); f.write(struct.pack(">Q", 16 << 20))
+f.seek(36); f.write(struct.pack(">I", 1))' g.qcow2
+    gcc -O2 -shared -fPIC -o writelog.so \
+        "$BATS_TEST_DIRNAME/tools/writelog.c" -ldl -lpthread
+    : > write.log
+    CRASHLOG="$PWD/write.log" CRASHFILES="$PWD/g.qcow2" \
+        LD_PRELOAD="${Q2_ASAN_LIB:+$Q2_ASAN_LIB }$PWD/writelog.so" \
+        ASAN_OPTIONS=detect_leaks=0 "$tool" snapshot -a s1 g.qcow2
+    # Every header write touching l1_size (36) or l1_table_offset (40)
+    # covers both.
+    run -0 /usr/bin/python3 - write.log <<'PY'
+import struct, sys
+d = open(sys.argv[1], "rb").read()
+rec, pos, seen = struct.Struct("<IIIIQQQ"), 0, 0
+while pos < len(d):
+    _, t, _, _, off, n, _ = rec.unpack_from(d, pos)
+    pos += rec.size + (n if t == 1 else 0)
+    if t == 1 and off < 48 and off + n > 36:
+        seen += 1
+        assert off <= 36 and off + n >= 48, "header write %d+%d" % (off, n)
+assert seen, "no L1 header write logged"
+PY
+    run -0 qemu-io -r -c 'read -P 0x11 3G 64k' g.qcow2
+    [[ "$output" != *"verification failed"* ]]
+}
