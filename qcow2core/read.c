@@ -37,9 +37,8 @@ read_compressed (struct q2_image *img, const struct q2_map *m, uint8_t *buf,
   uint8_t *cbuf, *cluster;
   int r;
 
-  if (img->crypto)
-    return q2_err (EIO, "compressed cluster for guest offset %#llx in an "
-                   "encrypted image", (unsigned long long) (offset - in_cluster));
+  /* In an encrypted image too the stream is stored in the clear: QEMU
+   * writes compressed clusters (qemu-io write -c) without encrypting. */
   if (m->host_offset >= img->file_size)
     return q2_err (EIO, "compressed cluster for guest offset %#llx starts at "
                    "host offset %#llx, past the end of the file",

@@ -165,6 +165,31 @@ check_write ()
 @test "write: LUKS cbc-essiv, plugin writes read back in QEMU" { check_write luks-cbc; }
 @test "write: LUKS sha1, plugin writes read back in QEMU" { check_write luks-sha1; }
 
+@test "compressed clusters in encrypted images (qemu-io write -c): read, overwritten in part, as in QEMU" {
+    local f
+    cd "$BATS_TEST_TMPDIR"
+    for f in aes luks; do
+        cp "$BATS_FILE_TMPDIR/$f.qcow2" viaplugin.qcow2
+        # QEMU stores compressed clusters unencrypted, even here.
+        qio viaplugin.qcow2 -c 'write -c -P 0x5a 8M 64k' -c 'write -c -P 0x6b 12M 64k'
+        cp viaplugin.qcow2 viaqemu.qcow2
+        run -0 qemu-img convert --object "$SEC" \
+            --image-opts "$(qopts viaqemu.qcow2)" -O raw qemu.raw
+        run -0 nbdkit -U - "$PLUGIN" file="$PWD/viaplugin.qcow2" \
+            password="$PW" --readonly --run 'nbdcopy "$uri" plugin.raw'
+        cmp qemu.raw plugin.raw
+        cmp -i 8M:0 -n 64k plugin.raw <(head -c 64k /dev/zero | tr '\0' '\132')
+        # Partial writes copy the rest of the cluster up, encrypted.
+        local ops=(-c 'write -P 0x01 8389000 10' -c 'write -z 12M 4k')
+        run -0 nbdkit -U - "$PLUGIN" file="$PWD/viaplugin.qcow2" \
+            password="$PW" --run "qemu-io -f raw $(printf "%q " "${ops[@]}") \"\$uri\""
+        [[ "$output" != *failed* ]] || { echo "$f: $output"; return 1; }
+        qio viaqemu.qcow2 "${ops[@]}"
+        qcompare viaplugin.qcow2 viaqemu.qcow2
+        qcheck viaplugin.qcow2
+    done
+}
+
 @test "password forms: +FILE and -FD" {
     local img="$BATS_FILE_TMPDIR/luks.qcow2"
     cd "$BATS_TEST_TMPDIR"
