@@ -211,8 +211,10 @@ check_l2 (struct pass *p, const char *where, uint64_t l1_index,
     if (*where)
       continue;
     if (entry & QCOW_OFLAG_COMPRESSED) {
+      /* Fragmented by nature, as qemu-img counts them. */
       p->allocated++;
       p->compressed++;
+      p->fragmented++;
       continue;
     }
     host = entry & L2E_OFFSET_MASK;

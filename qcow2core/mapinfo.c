@@ -128,6 +128,7 @@ q2_image_get_info (const struct q2_image *img, struct q2_image_info *info)
   info->backing_file = h->backing_file;
   info->backing_format = h->backing_format;
   info->data_file = h->data_file;
+  info->data_file_raw = h->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
   info->data_path = h->data_file ? img->data_path : NULL;
   info->data_file_size = img->data_file_size;
 }

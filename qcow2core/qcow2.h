@@ -244,6 +244,7 @@ struct q2_image_info {
   const char *backing_file;     /* as stored, or NULL */
   const char *backing_format;   /* or NULL */
   const char *data_file;        /* as stored, or NULL */
+  bool data_file_raw;           /* autoclear bit 1 */
   const char *path;             /* the resolved path of this layer */
   const char *data_path;        /* the resolved data file path, or NULL */
   const char *format;           /* "qcow2" or "raw" */

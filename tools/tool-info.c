@@ -218,11 +218,14 @@ print_text (const struct layer *l)
   printf ("    compression type: %s\n", in->compression_type ? "zstd" : "zlib");
   printf ("    lazy refcounts: %s\n", bool_name (in->lazy_refcounts));
   printf ("    refcount bits: %u\n", in->refcount_bits);
-  if (l->enc.format)
-    print_encrypt_text (&l->enc);
-  printf ("    corrupt: %s\n", bool_name (in->corrupt));
+  /* In qemu-img's order, encrypt between the data file's two lines. */
   if (in->data_file)
     printf ("    data file: %s\n", in->data_file);
+  if (l->enc.format)
+    print_encrypt_text (&l->enc);
+  if (in->data_file)
+    printf ("    data file raw: %s\n", bool_name (in->data_file_raw));
+  printf ("    corrupt: %s\n", bool_name (in->corrupt));
   printf ("    extended l2: %s\n", bool_name (in->extended_l2));
   printf ("    dirty: %s\n", bool_name (in->dirty));
 }
@@ -288,21 +291,24 @@ print_json (const struct layer *l, const char *indent)
     printf ("%s            \"compat\": \"%s\",\n", indent,
             compat_name (in->version));
     if (in->version >= 3) {
-      if (in->data_file) {
-        printf ("%s            \"data-file\": ", indent);
-        json_string (stdout, in->data_file);
-        printf (",\n");
-      }
       printf ("%s            \"compression-type\": \"%s\",\n", indent,
               in->compression_type ? "zstd" : "zlib");
       printf ("%s            \"lazy-refcounts\": %s,\n", indent,
               bool_name (in->lazy_refcounts));
       printf ("%s            \"refcount-bits\": %u,\n", indent,
               in->refcount_bits);
+      if (in->data_file) {
+        printf ("%s            \"data-file\": ", indent);
+        json_string (stdout, in->data_file);
+        printf (",\n");
+      }
       if (l->enc.format) {
         print_encrypt_json (&l->enc, indent);
         printf (",\n");
       }
+      if (in->data_file)
+        printf ("%s            \"data-file-raw\": %s,\n", indent,
+                bool_name (in->data_file_raw));
       printf ("%s            \"corrupt\": %s,\n", indent,
               bool_name (in->corrupt));
       printf ("%s            \"extended-l2\": %s\n", indent,
