@@ -190,6 +190,21 @@ check_write ()
     done
 }
 
+@test "qcow2-tool create: password files lose trailing newlines as with +FILE; non-UTF-8 passwords are refused" {
+    cd "$BATS_TEST_TMPDIR"
+    printf '%s\n\n' "$PW" > pw2
+    "$TOOL" create -q -o encrypt.format=luks,encrypt.iter-time=10 \
+        --password-file pw2 a.qcow2 1M
+    run -0 nbdkit -U - "$PLUGIN" file="$PWD/a.qcow2" password=+"$PWD/pw2" \
+        --run 'nbdinfo --size "$uri"'
+    [ "$output" = 1048576 ]
+    qio a.qcow2 -c 'read -P 0 0 1M'
+    run -1 "$TOOL" create -q -o encrypt.format=luks \
+        --password "$(printf 'a\377b')" b.qcow2 1M
+    [[ "$output" == *"not valid UTF-8"* ]]
+    [ ! -e b.qcow2 ]
+}
+
 @test "password forms: +FILE and -FD" {
     local img="$BATS_FILE_TMPDIR/luks.qcow2"
     cd "$BATS_TEST_TMPDIR"

@@ -36,8 +36,8 @@ static const char create_help[] =
   "  -o encrypt.iter=N             LUKS PBKDF2 iterations (instead)\n"
   "  -o encrypt.key-secret=ID      the password from --object secret,id=ID\n"
   "  --password SECRET             the password of an encrypted image\n"
-  "  --password-file FILE          ... read from FILE (one trailing newline\n"
-  "                                is dropped)\n"
+  "  --password-file FILE          ... read from FILE (trailing newlines\n"
+  "                                are dropped)\n"
   "  --object secret,id=ID,data=SECRET|file=FILE   as qemu-img\n"
   "  -b BACKING   backing file, stored as given (relative to IMG's directory)\n"
   "  -F FMT       backing file format (qcow2 or raw)\n"
@@ -131,8 +131,8 @@ free_secrets (struct secrets *sec)
   }
 }
 
-/* The whole content of a file; with chomp, one trailing newline is
- * dropped. */
+/* The whole content of a file; with chomp, trailing newlines are
+ * dropped (as nbdkit's password=+FILE does). */
 static char *
 read_secret_file (const char *path, bool chomp)
 {
@@ -175,8 +175,8 @@ read_secret_file (const char *path, bool chomp)
     free (buf);
     return NULL;
   }
-  if (chomp && len > 0 && buf[len - 1] == '\n')
-    buf[len - 1] = '\0';
+  while (chomp && len > 0 && buf[len - 1] == '\n')
+    buf[--len] = '\0';
   return buf;
 }
 
@@ -259,6 +259,37 @@ add_object (struct secrets *sec, const char *spec)
   return r;
 }
 
+/* Is s valid UTF-8?  QEMU refuses other secrets, so an image keyed with
+ * one could never be opened there. */
+static bool
+is_utf8 (const char *s)
+{
+  const unsigned char *p = (const unsigned char *) s;
+
+  while (*p) {
+    unsigned n, i;
+    uint32_t c;
+    if (*p < 0x80) { p++; continue; }
+    else if ((*p & 0xe0) == 0xc0) { n = 1; c = *p & 0x1f; }
+    else if ((*p & 0xf0) == 0xe0) { n = 2; c = *p & 0x0f; }
+    else if ((*p & 0xf8) == 0xf0) { n = 3; c = *p & 0x07; }
+    else
+      return false;
+    for (i = 1; i <= n; i++) {
+      if ((p[i] & 0xc0) != 0x80)
+        return false;
+      c = (c << 6) | (p[i] & 0x3f);
+    }
+    /* Overlong forms, surrogates and values past U+10FFFF. */
+    if ((n == 1 && c < 0x80) || (n == 2 && c < 0x800) ||
+        (n == 3 && c < 0x10000) || c > 0x10ffff ||
+        (c >= 0xd800 && c <= 0xdfff))
+      return false;
+    p += n + 1;
+  }
+  return true;
+}
+
 /* Sets o->password from the secrets; -1 (reported) on failure. */
 static int
 resolve_password (struct q2_create_opts *o, struct secrets *sec)
@@ -283,6 +314,10 @@ resolve_password (struct q2_create_opts *o, struct secrets *sec)
   }
   else if (sec->password)
     o->password = sec->password;
+  if (o->password && !is_utf8 (o->password)) {
+    tool_error ("the password is not valid UTF-8 (QEMU could not use it)");
+    return -1;
+  }
   return 0;
 }
 
