@@ -128,7 +128,8 @@ static int
 probe_backing (const char *path, const struct q2_create_opts *o,
                uint64_t *size, const char **format)
 {
-  struct q2_open_opts opts = { .readonly = true };
+  /* Size and format only: an encrypted backing file needs no key. */
+  struct q2_open_opts opts = { .readonly = true, .no_key = true };
   struct q2_image *b;
   char *tmp, *full;
   const char *dir;

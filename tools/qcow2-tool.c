@@ -155,7 +155,10 @@ open_hint (int r)
 struct q2_image *
 open_image (const char *path, bool writable, bool force_share)
 {
-  struct q2_open_opts opts = { .readonly = true, .locking = !force_share };
+  /* Reading metadata (check, map) needs no key; writing it does, for
+   * now: the core makes an image writable only with its key. */
+  struct q2_open_opts opts = { .readonly = true, .locking = !force_share,
+                               .no_key = !writable };
   struct q2_image *img;
   int r;
 

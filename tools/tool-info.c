@@ -376,15 +376,30 @@ collect_layers (struct q2_image *top, const char *top_name,
   return n;
 }
 
-/* Opens the image (and its chain); an encrypted image, which needs a key
- * to be opened for I/O, is opened header-only: info needs no password. */
+/* Is any layer of the chain encrypted? */
+static bool
+chain_is_encrypted (struct q2_image *img)
+{
+  struct q2_encrypt_info enc;
+  struct q2_image_info in;
+
+  for (; img; img = in.backing) {
+    if (hdr_is_encrypted (img, &enc))
+      return true;
+    q2_image_get_info (img, &in);
+  }
+  return false;
+}
+
+/* Opens the image (and its chain); a chain with an encrypted layer, which
+ * needs a key to be opened for I/O, is opened header-only: info needs no
+ * password. */
 static struct q2_image *
 open_for_info (const char *path, bool share)
 {
   struct q2_open_opts opts = { .readonly = true, .locking = !share };
   struct q2_open_opts hdr_opts = { .readonly = true, .no_key = true };
   struct q2_image *img, *hdr;
-  struct q2_encrypt_info enc;
   char *msg;
   int r;
 
@@ -392,9 +407,9 @@ open_for_info (const char *path, bool share)
     return img;
   msg = strdup (q2_last_error ());
   if (q2_open (path, &hdr_opts, &hdr) == 0) {
-    /* Only for the encrypted image itself; for anything else the first
-     * error stands.  A damaged LUKS header is reported by the caller. */
-    if (hdr_is_encrypted (hdr, &enc)) {
+    /* Only for encrypted layers; for anything else the first error
+     * stands.  A damaged LUKS header is reported by the caller. */
+    if (chain_is_encrypted (hdr)) {
       free (msg);
       return hdr;
     }
