@@ -75,26 +75,28 @@ print_human (const struct q2_check_result *r)
 }
 
 static void
+print_count (const char *key, uint64_t n)
+{
+  if (n)
+    printf ("    \"%s\": %" PRIu64 ",\n", key, n);
+}
+
+static void
 print_json (const struct q2_check_result *r, const char *filename)
 {
   printf ("{\n");
   if (r->image_end_offset)
     printf ("    \"image-end-offset\": %" PRIu64 ",\n", r->image_end_offset);
-  printf ("    \"total-clusters\": %" PRIu64 ",\n", r->total_clusters);
+  /* As qemu-img: the counters only when not zero. */
+  print_count ("total-clusters", r->total_clusters);
   printf ("    \"check-errors\": %" PRIu64 ",\n", r->check_errors);
-  printf ("    \"leaks\": %" PRIu64 ",\n", r->leaks);
-  printf ("    \"corruptions\": %" PRIu64 ",\n", r->corruptions);
-  if (r->leaks_fixed)
-    printf ("    \"leaks-fixed\": %" PRIu64 ",\n", r->leaks_fixed);
-  if (r->corruptions_fixed)
-    printf ("    \"corruptions-fixed\": %" PRIu64 ",\n",
-            r->corruptions_fixed);
-  printf ("    \"allocated-clusters\": %" PRIu64 ",\n",
-          r->allocated_clusters);
-  printf ("    \"fragmented-clusters\": %" PRIu64 ",\n",
-          r->fragmented_clusters);
-  printf ("    \"compressed-clusters\": %" PRIu64 ",\n",
-          r->compressed_clusters);
+  print_count ("leaks", r->leaks);
+  print_count ("corruptions", r->corruptions);
+  print_count ("leaks-fixed", r->leaks_fixed);
+  print_count ("corruptions-fixed", r->corruptions_fixed);
+  print_count ("allocated-clusters", r->allocated_clusters);
+  print_count ("fragmented-clusters", r->fragmented_clusters);
+  print_count ("compressed-clusters", r->compressed_clusters);
   printf ("    \"filename\": ");
   json_string (stdout, filename);
   printf (",\n    \"format\": \"qcow2\"\n}\n");
