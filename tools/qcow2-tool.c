@@ -146,19 +146,94 @@ json_string (FILE *f, const char *s)
   fputc ('"', f);
 }
 
+/* The whole content of a file; with chomp, trailing newlines are
+ * dropped (as nbdkit's password=+FILE does). */
+char *
+read_secret_file (const char *path, bool chomp)
+{
+  FILE *f = fopen (path, "re");
+  char *buf = NULL;
+  size_t len = 0, cap = 0, n;
+
+  if (f == NULL) {
+    tool_error ("%s: %s", path, strerror (errno));
+    return NULL;
+  }
+  for (;;) {
+    if (cap - len < 4096) {
+      char *nb;
+      cap = cap ? cap * 2 : 4096;
+      nb = realloc (buf, cap);
+      if (nb == NULL) {
+        free (buf);
+        fclose (f);
+        tool_error ("out of memory");
+        return NULL;
+      }
+      buf = nb;
+    }
+    n = fread (buf + len, 1, cap - len - 1, f);
+    len += n;
+    if (n == 0)
+      break;
+  }
+  if (ferror (f)) {
+    tool_error ("%s: %s", path, strerror (errno));
+    fclose (f);
+    free (buf);
+    return NULL;
+  }
+  fclose (f);
+  buf[len] = '\0';
+  if (strlen (buf) != len) {
+    tool_error ("%s: the password contains a NUL byte", path);
+    free (buf);
+    return NULL;
+  }
+  while (chomp && len > 0 && buf[len - 1] == '\n')
+    buf[--len] = '\0';
+  return buf;
+}
+
 const char *
 open_hint (int r)
 {
   return r == -EBUSY ? " (-U opens it anyway)" : "";
 }
 
-struct q2_image *
-open_image (const char *path, bool writable, bool force_share)
+int
+password_option (struct password_opt *p, int c, const char *arg)
 {
-  /* Reading metadata (check, map) needs no key; writing it does, for
-   * now: the core makes an image writable only with its key. */
+  if (c != 'P' && c != 'W')
+    return 0;
+  password_free (p);
+  if (c == 'P')
+    p->password = arg;
+  else if ((p->password = p->buf = read_secret_file (arg, true)) == NULL)
+    return -1;
+  return 1;
+}
+
+void
+password_free (struct password_opt *p)
+{
+  if (p->buf) {
+    explicit_bzero (p->buf, strlen (p->buf));
+    free (p->buf);
+  }
+  p->buf = NULL;
+  p->password = NULL;
+}
+
+struct q2_image *
+open_image (const char *path, bool writable, bool force_share,
+            const char *password)
+{
+  /* Reading metadata (check, map, snapshot -l) needs no key; changing
+   * it does: the core makes an image writable only with its key. */
   struct q2_open_opts opts = { .readonly = true, .locking = !force_share,
-                               .no_key = !writable };
+                               .no_key = !writable && !password,
+                               .password = password };
   struct q2_image *img;
   int r;
 

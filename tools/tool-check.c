@@ -26,6 +26,9 @@ static const char check_help[] =
   "  --json     print the result as qemu-img check --output=json does\n"
   "  -q         quiet\n"
   "  -U         open an image that another process is using (no -r)\n"
+  "  --password SECRET, --password-file FILE\n"
+  "             the password of an encrypted image (never needed: the\n"
+  "             check and its repairs touch metadata only)\n"
   "\n"
   "Exit status: 0 no errors, 1 the check could not complete, 2 corruptions,\n"
   "3 leaked clusters only, 63 the image cannot be checked.\n";
@@ -124,10 +127,13 @@ cmd_check (int argc, char **argv)
     { "output", required_argument, NULL, 'O' },
     { "repair", required_argument, NULL, 'r' },
     { "force-share", no_argument, NULL, 'U' },
+    { "password", required_argument, NULL, 'P' },
+    { "password-file", required_argument, NULL, 'W' },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
   struct q2_check_result res;
+  struct password_opt pw = { NULL, NULL };
   bool json = false, quiet = false, share = false;
   int mode = Q2_REPAIR_NONE, c, r;
   struct q2_image *img;
@@ -139,6 +145,11 @@ cmd_check (int argc, char **argv)
   }
   optind = 1;
   while ((c = getopt_long (argc, argv, "+qr:f:U", long_opts, NULL)) != -1) {
+    if ((r = password_option (&pw, c, optarg)) != 0) {
+      if (r < 0)
+        return CHECK_FAILED;
+      continue;
+    }
     switch (c) {
     case 'j': json = true; break;
     case 'U': share = true; break;
@@ -166,7 +177,8 @@ cmd_check (int argc, char **argv)
     return CHECK_FAILED;
   }
   path = argv[optind];
-  img = open_image (path, false, share);
+  img = open_image (path, false, share, pw.password);
+  password_free (&pw);
   if (img == NULL)
     return CHECK_FAILED;
 

@@ -131,54 +131,6 @@ free_secrets (struct secrets *sec)
   }
 }
 
-/* The whole content of a file; with chomp, trailing newlines are
- * dropped (as nbdkit's password=+FILE does). */
-static char *
-read_secret_file (const char *path, bool chomp)
-{
-  FILE *f = fopen (path, "re");
-  char *buf = NULL;
-  size_t len = 0, cap = 0, n;
-
-  if (f == NULL) {
-    tool_error ("%s: %s", path, strerror (errno));
-    return NULL;
-  }
-  for (;;) {
-    if (cap - len < 4096) {
-      char *nb;
-      cap = cap ? cap * 2 : 4096;
-      nb = realloc (buf, cap);
-      if (nb == NULL) {
-        free (buf);
-        fclose (f);
-        tool_error ("out of memory");
-        return NULL;
-      }
-      buf = nb;
-    }
-    n = fread (buf + len, 1, cap - len - 1, f);
-    len += n;
-    if (n == 0)
-      break;
-  }
-  if (ferror (f)) {
-    tool_error ("%s: %s", path, strerror (errno));
-    fclose (f);
-    free (buf);
-    return NULL;
-  }
-  fclose (f);
-  buf[len] = '\0';
-  if (strlen (buf) != len) {
-    tool_error ("%s: the password contains a NUL byte", path);
-    free (buf);
-    return NULL;
-  }
-  while (chomp && len > 0 && buf[len - 1] == '\n')
-    buf[--len] = '\0';
-  return buf;
-}
 
 /* --object secret,id=ID,data=SECRET or secret,id=ID,file=FILE */
 static int

@@ -148,7 +148,7 @@ cmd_map (int argc, char **argv)
     tool_error ("map: expecting one image");
     return EXIT_FAIL;
   }
-  img = open_image (argv[optind], false, share);
+  img = open_image (argv[optind], false, share, NULL);
   if (img == NULL)
     return EXIT_FAIL;
   collect_names (img, argv[optind], &nm);

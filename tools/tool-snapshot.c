@@ -14,7 +14,9 @@ static const char snapshot_help[] =
   "  -c NAME   create a snapshot of the current state\n"
   "  -a NAME   apply (revert to) the snapshot with this ID or name\n"
   "  -d NAME   delete the snapshot with this name (or else ID)\n"
-  "  -q        quiet\n";
+  "  -q        quiet\n"
+  "  --password SECRET, --password-file FILE\n"
+  "            the password of an encrypted image (not needed by -l)\n";
 
 void print_snapshot_table (struct q2_image *img);
 
@@ -54,6 +56,12 @@ run_action (struct q2_image *img, enum action act, const char *name)
 int
 cmd_snapshot (int argc, char **argv)
 {
+  static const struct option long_opts[] = {
+    { "password", required_argument, NULL, 'P' },
+    { "password-file", required_argument, NULL, 'W' },
+    { NULL, 0, NULL, 0 },
+  };
+  struct password_opt pw = { NULL, NULL };
   enum action act = ACT_NONE;
   const char *name = NULL;
   struct q2_image *img;
@@ -64,8 +72,14 @@ cmd_snapshot (int argc, char **argv)
     return 0;
   }
   optind = 1;
-  while ((c = getopt (argc, argv, "+lqc:a:d:f:")) != -1) {
+  while ((c = getopt_long (argc, argv, "+lqc:a:d:f:", long_opts,
+                           NULL)) != -1) {
     enum action a = ACT_NONE;
+    if ((r = password_option (&pw, c, optarg)) != 0) {
+      if (r < 0)
+        return EXIT_FAIL;
+      continue;
+    }
     switch (c) {
     case 'l': a = ACT_LIST; break;
     case 'c': a = ACT_CREATE; break;
@@ -74,6 +88,7 @@ cmd_snapshot (int argc, char **argv)
     case 'q': case 'f': continue;
     default:
       fputs (snapshot_help, stderr);
+      password_free (&pw);
       return EXIT_FAIL;
     }
     if (act != ACT_NONE) {
@@ -88,7 +103,8 @@ cmd_snapshot (int argc, char **argv)
     fputs (snapshot_help, stderr);
     return EXIT_FAIL;
   }
-  img = open_image (argv[optind], act != ACT_LIST, false);
+  img = open_image (argv[optind], act != ACT_LIST, false, pw.password);
+  password_free (&pw);
   if (img == NULL)
     return EXIT_FAIL;
   if (act == ACT_LIST) {

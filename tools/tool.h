@@ -35,9 +35,22 @@ void json_string (FILE *f, const char *s);
 
 /* Opens an image read-only (or writable), reporting errors. */
 /* force_share (-U): open read-only without taking QEMU's image locks,
- * to look at an image another process is using. */
+ * to look at an image another process is using.  password: of an
+ * encrypted image, or NULL (enough to read its metadata). */
 struct q2_image *open_image (const char *path, bool writable,
-                             bool force_share);
+                             bool force_share, const char *password);
+/* The whole content of a file (a password); with chomp, trailing
+ * newlines are dropped.  malloc'd; NULL (reported) on failure. */
+char *read_secret_file (const char *path, bool chomp);
+/* The --password and --password-file options of check and snapshot. */
+struct password_opt {
+  const char *password;
+  char *buf;                    /* --password-file, malloc'd */
+};
+/* Takes option c ('P' --password, 'W' --password-file): 1 if it was
+ * one of them, 0 if not, -1 (reported) on failure. */
+int password_option (struct password_opt *p, int c, const char *arg);
+void password_free (struct password_opt *p);
 /* What to add to a failed read-only open's message: the -U hint when
  * the failure (r) was another process's lock. */
 const char *open_hint (int r);
