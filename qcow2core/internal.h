@@ -351,6 +351,9 @@ int q2_snapshots_load (struct q2_image *img);
 void q2_snapshots_free (struct q2_image *img);
 /* Recomputes snap_l1 from the list; after every change of the list. */
 void q2_snapshot_ranges_rebuild (struct q2_image *img);
+/* The whole clusters a snapshot's L1 table occupies. */
+struct q2_range q2_snapshot_l1_range (const struct q2_image *img,
+                                      const struct q2_snapshot *s);
 
 /* ---- check.c: reference walk and refcount rebuild ---- */
 /* Walks that count per cluster of the file stop at this many clusters,

@@ -205,12 +205,11 @@ snapshot_hit (const struct q2_image *img, uint64_t off, uint64_t len)
                 Q2_ROUND_UP (img->snapshot_table_len, img->cluster_size)))
     return "the snapshot table";
   if (!img->snap_l1_ok) {
+    /* No memory for the sorted ranges: scan the list. */
     for (i = 0; i < img->nb_snapshots; i++) {
-      const struct q2_snapshot *s = &img->snapshots[i];
-      if (!s->broken &&
-          overlaps (off, len, s->l1_offset,
-                    Q2_ROUND_UP ((uint64_t) s->l1_size * 8,
-                                 img->cluster_size)))
+      struct q2_range x = q2_snapshot_l1_range (img, &img->snapshots[i]);
+      if (!img->snapshots[i].broken &&
+          overlaps (off, len, x.offset, x.length))
         return "a snapshot's L1 table";
     }
     return NULL;

@@ -29,6 +29,14 @@ q2_snapshots_free (struct q2_image *img)
   q2_snapshot_ranges_rebuild (img);
 }
 
+struct q2_range
+q2_snapshot_l1_range (const struct q2_image *img, const struct q2_snapshot *s)
+{
+  return (struct q2_range) {
+    s->l1_offset, Q2_ROUND_UP ((uint64_t) s->l1_size * 8, img->cluster_size)
+  };
+}
+
 void
 q2_snapshot_ranges_rebuild (struct q2_image *img)
 {
@@ -50,9 +58,7 @@ q2_snapshot_ranges_rebuild (struct q2_image *img)
   for (k = 0; k < img->nb_snapshots; k++) {
     const struct q2_snapshot *s = &img->snapshots[k];
     if (!s->broken && s->l1_size)
-      r[n++] = (struct q2_range) {
-        s->l1_offset,
-        Q2_ROUND_UP ((uint64_t) s->l1_size * 8, img->cluster_size) };
+      r[n++] = q2_snapshot_l1_range (img, s);
   }
   qsort (r, n, sizeof *r, q2_compare_ranges);
   /* Merged, the ends are sorted too, which the binary search needs. */

@@ -89,6 +89,17 @@ def referenced(img):
     return refs
 
 
+def changed_pointers(off, data, old, start, end, mask):
+    """(index, new target) of each 8-byte entry of the table [start, end)
+    that the write [off, off+len(data)) covers whole and points elsewhere."""
+    for eo in range(max(off, start), min(off + len(data), end), 8):
+        if (eo - start) % 8 or eo + 8 > off + len(data):
+            continue
+        ne = be64(data, eo - off) & mask
+        if ne and ne != be64(old, eo - off) & mask:
+            yield (eo - start) // 8, ne
+
+
 fh = open(log, "rb")
 mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
 last_write = {}                  # cluster -> index of last write
@@ -131,30 +142,20 @@ while pos < len(mm):
         old = get(cur, off, ln)
         l2set = set(t for t in l1_targets(cur) if t)
         # L1 table write
-        if off < l1_off + l1_size * 8 and off + ln > l1_off:
-            for k in range(l1_size):
-                eo = l1_off + k * 8
-                if off <= eo and eo + 8 <= off + ln:
-                    ne = be64(data, eo - off) & MASK
-                    oe = be64(old, eo - off) & MASK
-                    if ne and ne != oe:
-                        checked["l1"] += 1
-                        if unsynced(ne >> cbits):
-                            report(f"L1[{k}] -> L2 table {ne:#x} whose first write (record {first_write[ne >> cbits]}) is not synced")
-                        if refcount(dur, ne >> cbits) == 0:
-                            report(f"L1[{k}] -> L2 table {ne:#x} with durable refcount 0")
+        for k, ne in changed_pointers(off, data, old, l1_off,
+                                      l1_off + l1_size * 8, MASK):
+            checked["l1"] += 1
+            if unsynced(ne >> cbits):
+                report(f"L1[{k}] -> L2 table {ne:#x} whose first write (record {first_write[ne >> cbits]}) is not synced")
+            if refcount(dur, ne >> cbits) == 0:
+                report(f"L1[{k}] -> L2 table {ne:#x} with durable refcount 0")
         # refcount table write
         rto, rtc = rt_info(cur)
-        if off < rto + rtc * cs and off + ln > rto:
-            for eo in range(max(off, rto) // 8 * 8, min(off + ln, rto + rtc * cs), 8):
-                if eo + 8 > off + ln or eo < off:
-                    continue
-                ne = be64(data, eo - off) & ~0x1ff
-                oe = be64(old, eo - off) & ~0x1ff
-                if ne and ne != oe:
-                    checked["reftable"] += 1
-                if ne and ne != oe and unsynced(ne >> cbits):
-                    report(f"reftable[{(eo - rto) // 8}] -> block {ne:#x} whose first write (record {first_write[ne >> cbits]}) is not synced")
+        for k, ne in changed_pointers(off, data, old, rto, rto + rtc * cs,
+                                      ~0x1ff):
+            checked["reftable"] += 1
+            if unsynced(ne >> cbits):
+                report(f"reftable[{k}] -> block {ne:#x} whose first write (record {first_write[ne >> cbits]}) is not synced")
         # L2 slice write (cluster is a current L2 table)
         c0 = off >> cbits
         if (c0 << cbits) in l2set and ln <= cs:

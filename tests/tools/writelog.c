@@ -31,8 +31,6 @@ static dev_t devs[4];
 static ino_t inos[4];
 static int inited;
 
-static ssize_t (*r_pwrite) (int, const void *, size_t, off_t);
-static ssize_t (*r_pwrite64) (int, const void *, size_t, off_t);
 static ssize_t (*r_pwritev) (int, const struct iovec *, int, off_t);
 static ssize_t (*r_pwritev64) (int, const struct iovec *, int, off_t);
 static ssize_t (*r_write) (int, const void *, size_t);
@@ -51,8 +49,6 @@ init (void)
   if (inited)
     return;
   inited = 1;
-  r_pwrite = dlsym (RTLD_NEXT, "pwrite");
-  r_pwrite64 = dlsym (RTLD_NEXT, "pwrite64");
   r_pwritev = dlsym (RTLD_NEXT, "pwritev");
   r_pwritev64 = dlsym (RTLD_NEXT, "pwritev64");
   r_write = dlsym (RTLD_NEXT, "write");
@@ -133,26 +129,6 @@ log_iov (int file, uint64_t off, const struct iovec *iov, int cnt, size_t n)
   emit (R_WRITE, file, off, n, 0, v, k);
 }
 
-#define WRAP_PWRITE(name, real)                                       \
-  ssize_t name (int fd, const void *buf, size_t count, off_t off)    \
-  {                                                                   \
-    init ();                                                          \
-    int t = target (fd);                                              \
-    if (t < 0)                                                        \
-      return real (fd, buf, count, off);                              \
-    pthread_mutex_lock (&mu);                                         \
-    ssize_t r = real (fd, buf, count, off);                           \
-    int e = errno;                                                    \
-    if (r > 0) {                                                      \
-      struct iovec v = { (void *) buf, r };                           \
-      log_iov (t, off, &v, 1, r);                                     \
-    }                                                                 \
-    pthread_mutex_unlock (&mu);                                       \
-    errno = e;                                                        \
-    return r;                                                         \
-  }
-WRAP_PWRITE (pwrite, r_pwrite)
-WRAP_PWRITE (pwrite64, r_pwrite64)
 
 #define WRAP_PWRITEV(name, real)                                          \
   ssize_t name (int fd, const struct iovec *iov, int cnt, off_t off)     \
@@ -172,6 +148,16 @@ WRAP_PWRITE (pwrite64, r_pwrite64)
   }
 WRAP_PWRITEV (pwritev, r_pwritev)
 WRAP_PWRITEV (pwritev64, r_pwritev64)
+
+/* pwrite is logged as the one-element pwritev it is. */
+#define WRAP_PWRITE(name)                                             \
+  ssize_t name (int fd, const void *buf, size_t count, off_t off)    \
+  {                                                                   \
+    struct iovec v = { (void *) buf, count };                         \
+    return pwritev (fd, &v, 1, off);                                  \
+  }
+WRAP_PWRITE (pwrite)
+WRAP_PWRITE (pwrite64)
 
 ssize_t
 write (int fd, const void *buf, size_t count)
