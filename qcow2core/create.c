@@ -10,10 +10,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <linux/fs.h>
 #include <nettle/pbkdf2.h>
 
 #include "crypto.h"
@@ -35,6 +37,7 @@ struct layout {
   uint64_t l2_tables, data_clusters;
   uint64_t luks_clusters;        /* the LUKS area, 0 if none */
   uint64_t reftable_off, refblock_off, l1_off, luks_off, l2_off, data_off;
+  uint64_t guest_base;           /* host offset of guest cluster 0 */
   uint64_t total_clusters;       /* every cluster with refcount 1 */
 };
 
@@ -112,6 +115,17 @@ validate_opts (const struct q2_create_opts *o)
       !o->extended_l2)
     return q2_err (EINVAL, "Backing file and preallocation can only be used "
                    "at the same time if extended_l2 is on");
+  if (o->data_file_raw && o->data_file == NULL)
+    return q2_err (EINVAL, "data-file-raw requires data-file");
+  if (o->data_file && o->version == 2)
+    return q2_err (EINVAL, "External data files are only supported with "
+                   "compatibility level 1.1 and above (use version=v3 or "
+                   "greater)");
+  if (o->data_file_raw && o->backing_file)
+    return q2_err (EINVAL, "Backing file and data-file-raw cannot be used "
+                   "at the same time");
+  if (o->data_file && o->data_file[0] == '\0')
+    return q2_err (EINVAL, "data_file: the name is empty");
   if (o->backing_file && strlen (o->backing_file) > QCOW2_MAX_BACKING_NAME)
     return q2_err (EINVAL, "backing_file: the name is longer than %d bytes",
                    QCOW2_MAX_BACKING_NAME);
@@ -124,6 +138,20 @@ validate_opts (const struct q2_create_opts *o)
 /* Opens the backing file as it will be found from the new image (a
  * relative name is relative to the new image's directory), to check it
  * and to learn its size and format. */
+/* A file name stored in the new image at path, as it will be found
+ * from the image: relative to the image's directory. */
+static char *
+near_image (const char *path, const char *name)
+{
+  char *tmp = strdup (path), *full;
+
+  if (tmp == NULL)
+    return NULL;
+  full = q2_resolve_name (dirname (tmp), name);
+  free (tmp);
+  return full;
+}
+
 static int
 probe_backing (const char *path, const struct q2_create_opts *o,
                uint64_t *size, const char **format)
@@ -131,19 +159,10 @@ probe_backing (const char *path, const struct q2_create_opts *o,
   /* Size and format only: an encrypted backing file needs no key. */
   struct q2_open_opts opts = { .readonly = true, .no_key = true };
   struct q2_image *b;
-  char *tmp, *full;
-  const char *dir;
+  char *full;
   int r;
 
-  tmp = strdup (path);
-  if (tmp == NULL)
-    return q2_err (ENOMEM, "out of memory");
-  dir = dirname (tmp);
-  if (o->backing_file[0] == '/')
-    full = strdup (o->backing_file);
-  else if (asprintf (&full, "%s/%s", dir, o->backing_file) == -1)
-    full = NULL;
-  free (tmp);
+  full = near_image (path, o->backing_file);
   if (full == NULL)
     return q2_err (ENOMEM, "out of memory");
   r = q2_open_layer (full, o->backing_format, &opts, 0, NULL, &b);
@@ -188,7 +207,8 @@ compute_layout (uint64_t size, const struct q2_create_opts *o,
   l->l1_clusters = div_up (l->l1_size * 8, l->cs);
   if (prealloc) {
     l->l2_tables = l->l1_size;
-    l->data_clusters = div_up (size, l->cs);
+    /* Data in an external file needs no clusters of the image. */
+    l->data_clusters = o->data_file ? 0 : div_up (size, l->cs);
   }
   per_refblock = l->cs * 8 / o->refcount_bits;
   l->refblocks = 1;
@@ -217,6 +237,7 @@ compute_layout (uint64_t size, const struct q2_create_opts *o,
   l->luks_off = l->l1_off + l->l1_clusters * l->cs;
   l->l2_off = l->luks_off + l->luks_clusters * l->cs;
   l->data_off = l->l2_off + l->l2_tables * l->cs;
+  l->guest_base = o->data_file ? 0 : l->data_off;
   return 0;
 }
 
@@ -271,6 +292,8 @@ build_header (uint8_t *buf, uint64_t size, const struct q2_create_opts *o,
   q2_put_be64 (buf + 40, l->l1_size ? l->l1_off : 0);
   q2_put_be64 (buf + 48, l->reftable_off);
   q2_put_be32 (buf + 56, l->reftable_clusters);
+  if (o->data_file)
+    incompat |= QCOW2_INCOMPAT_DATA_FILE;
   if (o->version == 2)
     pos = V2_HEADER_LEN;
   else {
@@ -281,6 +304,8 @@ build_header (uint8_t *buf, uint64_t size, const struct q2_create_opts *o,
     q2_put_be64 (buf + 72, incompat);
     q2_put_be64 (buf + 80, o->lazy_refcounts ? QCOW2_COMPAT_LAZY_REFCOUNTS
                  : 0);
+    q2_put_be64 (buf + 88, o->data_file_raw ? QCOW2_AUTOCLEAR_DATA_FILE_RAW
+                 : 0);
     q2_put_be32 (buf + 96, log2_of (o->refcount_bits));
     q2_put_be32 (buf + 100, V3_HEADER_LEN);
     buf[104] = o->compression_type;
@@ -290,6 +315,10 @@ build_header (uint8_t *buf, uint64_t size, const struct q2_create_opts *o,
   if (backing_format &&
       (r = add_extension (buf, &pos, cs, QCOW2_EXT_BACKING_FORMAT,
                           backing_format, strlen (backing_format))) < 0)
+    return r;
+  if (o->data_file &&
+      (r = add_extension (buf, &pos, cs, QCOW2_EXT_DATA_FILE, o->data_file,
+                          strlen (o->data_file))) < 0)
     return r;
   if (o->encrypt_format == Q2_ENCRYPT_LUKS) {
     uint8_t fde[16];
@@ -398,7 +427,7 @@ write_tables (int fd, const struct layout *l, uint64_t size, uint8_t *buf)
   for (i = 0; i < l->l2_tables; i++) {
     memset (buf, 0, l->cs);
     for (j = 0; j < per_l2 && i * per_l2 + j < data_clusters; j++) {
-      uint64_t host = l->data_off + (i * per_l2 + j) * l->cs;
+      uint64_t host = l->guest_base + (i * per_l2 + j) * l->cs;
       /* Extended L2: allocated, every subcluster still unallocated
        * (reads from the backing file or as zeros), as QEMU does. */
       q2_put_be64 (buf + j * l->l2_entry_size, QCOW_OFLAG_COPIED | host);
@@ -410,21 +439,31 @@ write_tables (int fd, const struct layout *l, uint64_t size, uint8_t *buf)
   return 0;
 }
 
-/* With encryption, preallocation=full writes encrypted zeros: the
- * clusters are allocated, so they must decrypt to zeros. */
 static int
-preallocate_data (int fd, const struct layout *l, enum q2_prealloc mode,
-                  const struct q2_crypto *crypto)
+truncate_file (int fd, uint64_t size, const char *what)
 {
-  uint64_t start = l->data_off, len = l->data_clusters * l->cs, done;
+  if (ftruncate (fd, size) == -1) {
+    int e = errno;
+    return q2_err (e, "truncating %s to %llu bytes: %s", what,
+                   (unsigned long long) size, strerror (e));
+  }
+  return 0;
+}
+
+/* Sizes the file to end with the data clusters [start, start+len) and
+ * preallocates them.  With encryption, preallocation=full writes
+ * encrypted zeros: the clusters are allocated, so they must decrypt to
+ * zeros. */
+static int
+preallocate_data (int fd, uint64_t start, uint64_t len, const char *what,
+                  enum q2_prealloc mode, const struct q2_crypto *crypto)
+{
+  uint64_t done;
   uint8_t *zeros;
   int r;
 
-  if (ftruncate (fd, start + len) == -1) {
-    int e = errno;
-    return q2_err (e, "extending the image to %llu bytes: %s",
-                   (unsigned long long) (start + len), strerror (e));
-  }
+  if ((r = truncate_file (fd, start + len, what)) < 0)
+    return r;
   if (mode == Q2_PREALLOC_FALLOC && len) {
     r = posix_fallocate (fd, start, len);
     if (r != 0)
@@ -440,7 +479,7 @@ preallocate_data (int fd, const struct layout *l, enum q2_prealloc mode,
       size_t n = Q2_MIN (ZERO_CHUNK, len - done);
       if (crypto) {
         /* LUKS IVs count host sectors, legacy AES guest sectors; the
-         * data clusters are in guest order from data_off. */
+         * data clusters are in guest order from start. */
         uint64_t sector = (q2_crypto_method (crypto) == 1 ? done
                            : start + done) / Q2_CRYPTO_SECTOR_SIZE;
         memset (zeros, 0, n);
@@ -450,7 +489,7 @@ preallocate_data (int fd, const struct layout *l, enum q2_prealloc mode,
           return r;
         }
       }
-      r = q2_io_pwrite (fd, zeros, n, start + done, "preallocated data");
+      r = q2_io_pwrite (fd, zeros, n, start + done, what);
       if (r < 0) {
         free (zeros);
         return r;
@@ -725,19 +764,124 @@ q2_encrypt_info_get (const struct q2_image *img, struct q2_encrypt_info *info)
   return 0;
 }
 
-int
-q2_create (const char *path, uint64_t size, const struct q2_create_opts *o)
+/* Opens (creating, not yet truncating) a file the new image is made
+ * of. */
+static int
+open_new_file (const char *path, const char *what, bool nocow, int *fd)
 {
+  int attr;
+
+  *fd = open (path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+  if (*fd == -1) {
+    int e = errno;
+    return q2_err (e, "%s%s%s", what, *what ? ": " : "", strerror (e));
+  }
+  /* As QEMU: on btrfs, no copy-on-write of the file's extents; a file
+   * system without the flag just keeps it unset. */
+  if (nocow && ioctl (*fd, FS_IOC_GETFLAGS, &attr) == 0) {
+    attr |= FS_NOCOW_FL;
+    ioctl (*fd, FS_IOC_SETFLAGS, &attr);
+  }
+  return 0;
+}
+
+/* Opens the image file and the external data file, refusing a data
+ * file that is the image itself, before either is truncated. */
+static int
+open_new_files (const char *path, const struct q2_create_opts *o, int *fd,
+                int *dfd)
+{
+  char *dpath = NULL;
+  int r;
+
+  *fd = *dfd = -1;
+  if (o->data_file) {
+    if ((dpath = near_image (path, o->data_file)) == NULL)
+      return q2_err (ENOMEM, "out of memory");
+    r = open_new_file (dpath, "", o->nocow, dfd);
+    if (r < 0) {
+      r = q2_err_prefix (r, "data_file: Could not create '%s'", dpath);
+      free (dpath);
+      return r;
+    }
+  }
+  r = open_new_file (path, "", o->nocow, fd);
+  if (r == 0 && *dfd >= 0 && q2_same_file (*fd, *dfd))
+    r = q2_err (EINVAL, "data_file: %s is the image itself", dpath);
+  if (r == 0)
+    r = truncate_file (*fd, 0, "the image");
+  if (r == 0 && *dfd >= 0)
+    r = truncate_file (*dfd, 0, "the data file");
+  free (dpath);
+  if (r < 0) {
+    if (*fd >= 0)
+      close (*fd);
+    if (*dfd >= 0)
+      close (*dfd);
+    *fd = *dfd = -1;
+  }
+  return r;
+}
+
+/* How much of the data a preallocated image covers, as QEMU does it:
+ * whole clusters, but whole subclusters when only the metadata of an
+ * image with subclusters (or an external data file) is allocated. */
+static uint64_t
+preallocated_bytes (uint64_t size, const struct q2_create_opts *o,
+                    const struct layout *l, bool external)
+{
+  if (o->extended_l2 &&
+      (external || o->preallocation == Q2_PREALLOC_METADATA))
+    return Q2_ROUND_UP (size, l->cs / 32);
+  return div_up (size, l->cs) * l->cs;
+}
+
+/* Sizes the external data file: the virtual size, or the preallocated
+ * data. */
+static int
+size_data_file (int dfd, uint64_t size, const struct q2_create_opts *o,
+                const struct layout *l, const struct q2_crypto *crypto)
+{
+  if (o->preallocation == Q2_PREALLOC_OFF)
+    return truncate_file (dfd, size, "the data file");
+  return preallocate_data (dfd, 0, preallocated_bytes (size, o, l, true),
+                           "the data file", o->preallocation, crypto);
+}
+
+static int
+sync_and_close (int fd, const char *what, int r)
+{
+  if (r == 0 && fsync (fd) == -1) {
+    int e = errno;
+    r = q2_err (e, "fsync of %s: %s", what, strerror (e));
+  }
+  if (close (fd) == -1 && r == 0) {
+    int e = errno;
+    r = q2_err (e, "close of %s: %s", what, strerror (e));
+  }
+  return r;
+}
+
+int
+q2_create (const char *path, uint64_t size, const struct q2_create_opts *opts)
+{
+  struct q2_create_opts eff = *opts;
+  const struct q2_create_opts *o = &eff;
   const char *backing_format = o->backing_format;
   struct layout l;
   uint8_t *buf = NULL, *luks = NULL;
   size_t luks_len = 0;
   struct q2_crypto *crypto = NULL;
   uint64_t backing_size = UINT64_MAX, end;
-  int fd, r;
+  int fd, dfd, r;
+
 
   if ((r = validate_opts (o)) < 0 || (r = validate_encrypt (o)) < 0)
     return q2_err_prefix (r, "%s", path);
+  /* A raw data file maps every guest cluster to the same offset there,
+   * so the L2 tables must exist from the start (as in QEMU). */
+  if (eff.data_file_raw && eff.preallocation == Q2_PREALLOC_OFF)
+    eff.preallocation = Q2_PREALLOC_METADATA;
   if (o->backing_file && !o->unsafe) {
     const char *detected = NULL;
     if ((r = probe_backing (path, o, &backing_size, &detected)) < 0)
@@ -769,12 +913,8 @@ q2_create (const char *path, uint64_t size, const struct q2_create_opts *o)
   if ((r = build_header (buf, size, o, backing_format, &l, luks_len)) < 0)
     goto fail_crypto;
 
-  fd = open (path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd == -1) {
-    int e = errno;
-    r = q2_err (e, "%s", strerror (e));
+  if ((r = open_new_files (path, o, &fd, &dfd)) < 0)
     goto fail_crypto;
-  }
   r = q2_io_pwrite (fd, buf, l.cs, 0, "qcow2 header");
   if (r == 0)
     r = write_refcounts (fd, &l, o->refcount_bits, buf);
@@ -783,7 +923,9 @@ q2_create (const char *path, uint64_t size, const struct q2_create_opts *o)
   if (r == 0 && luks)
     r = q2_io_pwrite (fd, luks, luks_len, l.luks_off, "LUKS header");
   if (r == 0 && o->preallocation != Q2_PREALLOC_OFF)
-    r = preallocate_data (fd, &l, o->preallocation, crypto);
+    r = preallocate_data (fd, l.data_off, l.data_clusters == 0 ? 0
+                          : preallocated_bytes (size, o, &l, false),
+                          "the image", o->preallocation, crypto);
   else if (r == 0) {
     /* Like QEMU: the file ends with the L1 table (or the refcount
      * blocks for an empty image), or with the whole clusters of the
@@ -791,20 +933,14 @@ q2_create (const char *path, uint64_t size, const struct q2_create_opts *o)
     end = l.l1_size ? l.l1_off + l.l1_size * 8 : l.l1_off;
     if (l.luks_clusters)
       end = l.luks_off + l.luks_clusters * l.cs;
-    if (ftruncate (fd, end) == -1) {
-      int e = errno;
-      r = q2_err (e, "truncating to %llu bytes: %s",
-                  (unsigned long long) end, strerror (e));
-    }
+    r = truncate_file (fd, end, "the image");
   }
-  if (r == 0 && fsync (fd) == -1) {
-    int e = errno;
-    r = q2_err (e, "fsync: %s", strerror (e));
+  if (dfd >= 0) {
+    if (r == 0)
+      r = size_data_file (dfd, size, o, &l, crypto);
+    r = sync_and_close (dfd, "the data file", r);
   }
-  if (close (fd) == -1 && r == 0) {
-    int e = errno;
-    r = q2_err (e, "close: %s", strerror (e));
-  }
+  r = sync_and_close (fd, "the image", r);
  fail_crypto:
   free (buf);
   if (luks) {

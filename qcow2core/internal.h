@@ -338,6 +338,11 @@ int q2_open_layer (const char *path, const char *format,
                    const struct q2_open_opts *opts, int depth,
                    const char *const *chain, struct q2_image **out);
 void q2_free_layer (struct q2_image *img);
+/* Joins a file name found in an image with the image's directory (an
+ * absolute name stays as it is); malloc'd, NULL when out of memory. */
+char *q2_resolve_name (const char *dir, const char *name);
+/* Are the two descriptors the same file? */
+bool q2_same_file (int a, int b);
 /* Derives cluster, L2 and compressed-descriptor geometry from hdr. */
 void q2_set_geometry (struct q2_image *img);
 /* Reads a table of entries big-endian u64s into host order (malloc'd). */

@@ -25,9 +25,8 @@ slice_size_for (uint64_t cluster_size)
   return Q2_MIN (cluster_size, 4096);
 }
 
-/* Joins a name found in an image with the image's directory. */
-static char *
-resolve_name (const char *dir, const char *name)
+char *
+q2_resolve_name (const char *dir, const char *name)
 {
   char *p;
 
@@ -236,7 +235,7 @@ setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
     return q2_err (ENOMEM, "out of memory for the metadata caches");
 
   if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
-    img->data_path = resolve_name (img->dir, h->data_file);
+    img->data_path = q2_resolve_name (img->dir, h->data_file);
     if (img->data_path == NULL)
       return q2_err (ENOMEM, "out of memory");
     r = open_file (img->data_path, img->readonly, "external data file",
@@ -326,7 +325,7 @@ open_backing (struct q2_image *img, const struct q2_open_opts *opts,
   if (img->depth >= Q2_MAX_CHAIN_DEPTH)
     return q2_err (ELOOP, "backing chain is deeper than %d files",
                    Q2_MAX_CHAIN_DEPTH);
-  path = resolve_name (img->dir, name);
+  path = q2_resolve_name (img->dir, name);
   if (path == NULL)
     return q2_err (ENOMEM, "out of memory");
   r = q2_open_layer (path, format, opts, img->depth + 1, chain,
@@ -556,8 +555,8 @@ q2_switch_to_rw (struct q2_image *img)
   return 0;
 }
 
-static bool
-same_file (int a, int b)
+bool
+q2_same_file (int a, int b)
 {
   struct stat sa, sb;
 
@@ -576,8 +575,8 @@ check_data_file_target (const struct q2_image *img)
   if (img->data_fd == img->fd)
     return 0;
   for (b = img; b; b = b->backing)
-    if (same_file (img->data_fd, b->fd) ||
-        (b != img && same_file (img->data_fd, b->data_fd)))
+    if (q2_same_file (img->data_fd, b->fd) ||
+        (b != img && q2_same_file (img->data_fd, b->data_fd)))
       return q2_err (EROFS, "%s: the external data file %s is %s itself; "
                      "the image is served read-only", img->path,
                      img->data_path, b == img ? "the image" :

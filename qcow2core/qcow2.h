@@ -137,6 +137,13 @@ struct q2_create_opts {
   const char *backing_file;     /* stored as given; NULL for none */
   const char *backing_format;   /* NULL: no backing format extension */
   bool unsafe;                  /* do not check that the backing opens */
+  /* An external data file (v3 only), named in the header as given and
+   * created (truncated if it exists) relative to the image's directory,
+   * where the plugin looks for it.  With data_file_raw the guest data
+   * is at the same offsets there, so metadata is preallocated. */
+  const char *data_file;
+  bool data_file_raw;
+  bool nocow;                   /* FS_NOCOW_FL on the new files (btrfs) */
   /* Encryption (Q2_ENCRYPT_*).  LUKS puts its area in the clusters after
    * the L1 table, as QEMU does.  NULL strings take QEMU's defaults. */
   int encrypt_format;

@@ -24,6 +24,10 @@ static const char create_help[] =
   "  -o lazy_refcounts=on|off\n"
   "  -o preallocation=off|metadata|falloc|full\n"
   "  -o backing_file=NAME,backing_fmt=FMT   the same as -b and -F\n"
+  "  -o data_file=NAME             guest data in an external file, created\n"
+  "                                relative to IMG's directory\n"
+  "  -o data_file_raw=on|off       ... which then is a raw image itself\n"
+  "  -o nocow=on|off               no copy-on-write on btrfs\n"
   "  -o encrypt.format=aes|luks    encrypt (legacy AES or LUKS1); needs a\n"
   "                                password (see below)\n"
   "  -o encryption=on              the same as encrypt.format=aes\n"
@@ -329,10 +333,16 @@ set_encrypt_option (struct q2_create_opts *o, struct secrets *sec,
   return 0;
 }
 
+/* Options that qemu-img prints back whenever they are given, even
+ * with their default value. */
+struct given {
+  bool compat, preallocation, data_file_raw, nocow;
+};
+
 /* Applies one key=value of -o. */
 static int
-set_option (struct q2_create_opts *o, struct secrets *sec, const char *key,
-            const char *v)
+set_option (struct q2_create_opts *o, struct secrets *sec, struct given *g,
+            const char *key, const char *v)
 {
   if (strncmp (key, "encrypt.", 8) == 0)
     return set_encrypt_option (o, sec, key, v);
@@ -344,8 +354,10 @@ set_option (struct q2_create_opts *o, struct secrets *sec, const char *key,
       o->encrypt_format = Q2_ENCRYPT_AES;
     return 0;
   }
-  if (strcmp (key, "compat") == 0)
+  if (strcmp (key, "compat") == 0) {
+    g->compat = true;
     return set_compat (o, v);
+  }
   if (strcmp (key, "cluster_size") == 0)
     return set_number_option (key, v, &o->cluster_size);
   if (strcmp (key, "refcount_bits") == 0)
@@ -354,8 +366,10 @@ set_option (struct q2_create_opts *o, struct secrets *sec, const char *key,
     return set_bool_option (key, v, &o->extended_l2);
   if (strcmp (key, "lazy_refcounts") == 0)
     return set_bool_option (key, v, &o->lazy_refcounts);
-  if (strcmp (key, "preallocation") == 0)
+  if (strcmp (key, "preallocation") == 0) {
+    g->preallocation = true;
     return set_preallocation (o, v);
+  }
   if (strcmp (key, "compression_type") == 0) {
     if (strcmp (v, "zlib") == 0)
       o->compression_type = 0;
@@ -376,14 +390,26 @@ set_option (struct q2_create_opts *o, struct secrets *sec, const char *key,
     o->backing_format = v;
     return 0;
   }
+  if (strcmp (key, "data_file") == 0) {
+    o->data_file = v;
+    return 0;
+  }
+  if (strcmp (key, "data_file_raw") == 0) {
+    g->data_file_raw = true;
+    return set_bool_option (key, v, &o->data_file_raw);
+  }
+  if (strcmp (key, "nocow") == 0) {
+    g->nocow = true;
+    return set_bool_option (key, v, &o->nocow);
+  }
   tool_error ("Invalid parameter '%s'", key);
   return -1;
 }
 
 /* Splits "a=1,b=2" (the string is modified and must stay alive). */
 static int
-parse_o_list (struct q2_create_opts *o, struct secrets *sec, char *list,
-              bool *help)
+parse_o_list (struct q2_create_opts *o, struct secrets *sec, struct given *g,
+              char *list, bool *help)
 {
   char *save = NULL, *item;
 
@@ -399,7 +425,7 @@ parse_o_list (struct q2_create_opts *o, struct secrets *sec, char *list,
       return -1;
     }
     *eq = '\0';
-    if (set_option (o, sec, item, eq + 1) < 0)
+    if (set_option (o, sec, g, item, eq + 1) < 0)
       return -1;
   }
   return 0;
@@ -407,7 +433,8 @@ parse_o_list (struct q2_create_opts *o, struct secrets *sec, char *list,
 
 static void
 print_formatting (const char *path, uint64_t size,
-                  const struct q2_create_opts *o, const struct secrets *sec)
+                  const struct q2_create_opts *o, const struct secrets *sec,
+                  const struct given *g)
 {
   static const char *const prealloc[] = { "off", "metadata", "falloc",
                                           "full" };
@@ -436,19 +463,26 @@ print_formatting (const char *path, uint64_t size,
   }
   printf (" cluster_size=%u extended_l2=%s", o->cluster_size,
           o->extended_l2 ? "on" : "off");
-  if (o->preallocation != Q2_PREALLOC_OFF)
+  if (g->preallocation)
     printf (" preallocation=%s", prealloc[o->preallocation]);
   printf (" compression_type=%s", o->compression_type ? "zstd" : "zlib");
   if (size != UINT64_MAX)
     printf (" size=%llu", (unsigned long long) size);
+  if (g->compat)
+    printf (" compat=%s", o->version == 2 ? "0.10" : "1.1");
   if (o->backing_file)
     printf (" backing_file=%s", o->backing_file);
   if (o->backing_format)
     printf (" backing_fmt=%s", o->backing_format);
-  if (o->version == 2)
-    printf (" compat=0.10");
-  printf (" lazy_refcounts=%s refcount_bits=%u\n",
+  if (o->data_file)
+    printf (" data_file=%s", o->data_file);
+  if (g->data_file_raw)
+    printf (" data_file_raw=%s", o->data_file_raw ? "on" : "off");
+  printf (" lazy_refcounts=%s refcount_bits=%u",
           o->lazy_refcounts ? "on" : "off", o->refcount_bits);
+  if (g->nocow)
+    printf (" nocow=%s", o->nocow ? "on" : "off");
+  putchar ('\n');
 }
 
 int
@@ -463,6 +497,7 @@ cmd_create (int argc, char **argv)
   };
   struct q2_create_opts o;
   struct secrets sec;
+  struct given given = { false };
   uint64_t size = UINT64_MAX;
   bool quiet = false, help = false;
   const char *path;
@@ -489,7 +524,7 @@ cmd_create (int argc, char **argv)
       }
       break;
     case 'o':
-      if (parse_o_list (&o, &sec, optarg, &help) < 0)
+      if (parse_o_list (&o, &sec, &given, optarg, &help) < 0)
         goto out;
       break;
     case 'P':
@@ -544,7 +579,7 @@ cmd_create (int argc, char **argv)
   if (resolve_password (&o, &sec) < 0)
     goto out;
   if (!quiet)
-    print_formatting (path, size, &o, &sec);
+    print_formatting (path, size, &o, &sec, &given);
   if (q2_create (path, size, &o) < 0) {
     tool_core_error (NULL);
     goto out;
