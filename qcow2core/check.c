@@ -7,7 +7,6 @@
 
 #include "internal.h"
 
-#define BITMAP_ENTRY_OFFSET_MASK 0x00fffffffffffe00ULL
 
 struct walk {
   struct q2_image *img;
@@ -122,59 +121,6 @@ walk_snapshots (struct walk *w, uint8_t *buf)
     if (r < 0)
       return q2_err_prefix (r, "snapshot '%s'", s->name);
   }
-  return r;
-}
-
-int
-q2_bitmap_clusters (struct q2_image *img, q2_range_fn fn, void *opaque)
-{
-  const struct q2_header *h = &img->hdr;
-  uint64_t pos = 0, size = h->bitmap_dir_size;
-  uint8_t *dir;
-  uint32_t i;
-  int r;
-
-  if (!h->has_bitmaps_ext || !(h->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
-    return 0;
-  if ((r = fn (opaque, h->bitmap_dir_offset, size, "bitmap directory")) < 0)
-    return r;
-  dir = malloc (size ? size : 1);
-  if (dir == NULL)
-    return q2_err (ENOMEM, "out of memory");
-  r = q2_io_pread (img->fd, dir, size, h->bitmap_dir_offset, false,
-                   "bitmap directory");
-  for (i = 0; r == 0 && i < h->nb_bitmaps; i++) {
-    uint64_t toff, tsize, len, j;
-    uint8_t *table;
-    if (size - pos < 24) {
-      r = q2_err (EIO, "bitmap directory entry %u is truncated", i);
-      break;
-    }
-    toff = q2_be64 (dir + pos);
-    tsize = q2_be32 (dir + pos + 8);
-    len = 24 + (uint64_t) q2_be32 (dir + pos + 20) + q2_be16 (dir + pos + 18);
-    if (toff >= img->file_size || tsize * 8 > img->file_size - toff) {
-      r = q2_err (EIO, "bitmap %u: table at %#llx is past the end of the "
-                  "file", i, (unsigned long long) toff);
-      break;
-    }
-    if ((r = fn (opaque, toff, tsize * 8, "bitmap table")) < 0)
-      break;
-    table = malloc (tsize * 8 + 8);
-    if (table == NULL) {
-      r = q2_err (ENOMEM, "out of memory");
-      break;
-    }
-    r = q2_io_pread (img->fd, table, tsize * 8, toff, false, "bitmap table");
-    for (j = 0; r == 0 && j < tsize; j++) {
-      uint64_t off = q2_be64 (table + j * 8) & BITMAP_ENTRY_OFFSET_MASK;
-      if (off)
-        r = fn (opaque, off, img->cluster_size, "bitmap data");
-    }
-    free (table);
-    pos += Q2_ROUND_UP (len, 8);
-  }
-  free (dir);
   return r;
 }
 

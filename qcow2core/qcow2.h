@@ -88,6 +88,17 @@ int q2_extents (struct q2_image *img, uint64_t offset, uint64_t count,
 /* Warm metadata caches and advise the kernel to read ahead the data. */
 int q2_cache (struct q2_image *img, uint64_t offset, uint64_t count);
 
+/* ---- persistent dirty bitmaps (listed only; bitmaps.c) ---- */
+struct q2_bitmap_info {
+  char name[1024];
+  uint64_t granularity;         /* bytes */
+  bool in_use, auto_enabled;    /* flags bit 0 and bit 1 */
+};
+/* The bitmaps of the directory, in its order; none when the autoclear
+ * bit says they are stale.  *out is malloc'd. */
+int q2_bitmap_list (struct q2_image *img, struct q2_bitmap_info **out,
+                    uint32_t *n);
+
 /* ---- internal snapshots ---- */
 struct q2_snapshot_info {
   const char *id;               /* valid until the table changes */

@@ -215,12 +215,14 @@ valid_combo ()
     [[ "$output" != *fail* ]]
 
     # The whole chain in info.
-    run "$TOOL" info d/sub/top.qcow2
+    run "$TOOL" info --backing-chain d/sub/top.qcow2
     [ "$status" -eq 0 ]
-    [[ "$output" == *"backing file: ../mid.qcow2"* ]]
+    [[ "$output" == *"backing file: ../mid.qcow2 (actual path: d/sub/../mid.qcow2)"* ]]
     [[ "$output" == *"backing file format: qcow2"* ]]
-    [[ "$output" == *"d/sub/../mid.qcow2 (qcow2)"* ]]
-    [[ "$output" == *"base.raw (raw)"* ]]
+    [[ "$output" == *"image: d/sub/../mid.qcow2"* ]]
+    [[ "$output" == *"image: d/sub/../base.raw"* ]]
+    diff <(qemu-img info --backing-chain d/sub/top.qcow2 | grep -v '^disk size') \
+         <(echo "$output" | grep -v '^disk size')
     qemu-img info --output=json --backing-chain d/sub/top.qcow2 > q.json
     "$TOOL" info --json --backing-chain d/sub/top.qcow2 > t.json
     qjson q.json "[{k: v for k, v in l.items() if k != 'actual-size'} for l in j]" > a
@@ -405,9 +407,9 @@ same_check_status ()
         qjson q.json "{k: v for k, v in j.items() if k != 'actual-size'}" > a
         qjson t.json "{k: v for k, v in j.items() if k != 'actual-size'}" > b
         diff a b || return 1
-        # The text too, line by line (ours adds the dirty bit).
+        # The text too, line by line.
         diff <(qemu-img info d.qcow2 | grep -v '^disk size') \
-             <("$TOOL" info d.qcow2 | grep -v -e '^disk size' -e '^    dirty:')
+             <("$TOOL" info d.qcow2 | grep -v '^disk size')
     done
 }
 
@@ -943,5 +945,42 @@ repair_all_keeps_data ()
         [ "$ours" = "$output" ] ||
             { echo "ours: $ours"; echo "qemu: $output"; return 1; }
         [[ "$o" != *nocow* ]] || [[ "$ours" == *" nocow=on" ]]
+    done
+}
+
+@test "tool info: text and JSON are qemu-img's, byte for byte: v2, encryption, bitmaps in use, snapshots, chains, data files" {
+    local S="--object secret,id=s0,data=abc" f
+    qemu-img create -q -f qcow2 -o compat=0.10 v2.qcow2 10M
+    qemu-img snapshot -c snap1 v2.qcow2
+    qemu-img create -q -f qcow2 $S -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 l.qcow2 10M
+    qemu-img create -q -f qcow2 $S -o encrypt.format=aes,encrypt.key-secret=s0,compat=0.10 aes.qcow2 10M 2>/dev/null
+    qemu-img create -q -f qcow2 -o extended_l2=on,compression_type=zstd,refcount_bits=1,lazy_refcounts=on e.qcow2 10M
+    qemu-img create -q -f raw r.raw 10M
+    qemu-img create -q -f qcow2 -b r.raw -F raw -o data_file=d.raw rb.qcow2
+    qemu-img create -q -f qcow2 -b rb.qcow2 -F qcow2 top.qcow2
+    qemu-img snapshot -c "a name, with \"quotes\"" top.qcow2
+    # Bitmaps: enabled, disabled, and in use (qemu-nbd killed while it
+    # had the image open for writing).
+    qemu-img create -q -f qcow2 bm.qcow2 10M
+    qemu-img bitmap --add bm.qcow2 b1
+    qemu-img bitmap --add -g 1M bm.qcow2 "b 2,\"x"
+    qemu-img bitmap --add bm.qcow2 b3 --disable
+    cp bm.qcow2 iu.qcow2
+    qemu-nbd -t -k "$BATS_TEST_TMPDIR/q.sock" iu.qcow2 3>&- &
+    local pid=$!
+    for _ in $(seq 1 100); do [ -S q.sock ] && break; sleep 0.05; done
+    kill -9 $pid; wait $pid || true
+    qemu-img info -U iu.qcow2 | grep -q in-use
+    for f in v2 l aes e rb top bm iu; do
+        diff <(qemu-img info -U $f.qcow2) <("$TOOL" info -U $f.qcow2) ||
+            { echo "text of $f"; return 1; }
+        diff <(qemu-img info -U --output=json $f.qcow2) \
+             <("$TOOL" info -U --json $f.qcow2) || { echo "json of $f"; return 1; }
+        diff <(qemu-img info -U --backing-chain $f.qcow2) \
+             <("$TOOL" info -U --backing-chain $f.qcow2) ||
+            { echo "chain text of $f"; return 1; }
+        diff <(qemu-img info -U --backing-chain --output=json $f.qcow2) \
+             <("$TOOL" info -U --backing-chain --json $f.qcow2) ||
+            { echo "chain json of $f"; return 1; }
     done
 }

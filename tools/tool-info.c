@@ -32,6 +32,8 @@ struct layer {
   char *name;
   char *backing_name;           /* full backing file name, or NULL */
   struct q2_encrypt_info enc;
+  struct q2_bitmap_info *bitmaps;
+  uint32_t nb_bitmaps;
 };
 
 static uint64_t
@@ -188,6 +190,56 @@ print_encrypt_json (const struct q2_encrypt_info *e, const char *indent)
 }
 
 static void
+print_bitmaps_text (const struct layer *l)
+{
+  uint32_t i;
+
+  if (l->nb_bitmaps == 0)
+    return;
+  printf ("    bitmaps:\n");
+  for (i = 0; i < l->nb_bitmaps; i++) {
+    const struct q2_bitmap_info *b = &l->bitmaps[i];
+    int f = 0;
+    printf ("        [%u]:\n", i);
+    printf ("            flags:\n");
+    if (b->in_use)
+      printf ("                [%d]: in-use\n", f++);
+    if (b->auto_enabled)
+      printf ("                [%d]: auto\n", f++);
+    printf ("            name: %s\n", b->name);
+    printf ("            granularity: %" PRIu64 "\n", b->granularity);
+  }
+}
+
+static void
+print_bitmaps_json (const struct layer *l, const char *indent)
+{
+  uint32_t i;
+
+  if (l->nb_bitmaps == 0)
+    return;
+  printf ("%s            \"bitmaps\": [\n", indent);
+  for (i = 0; i < l->nb_bitmaps; i++) {
+    const struct q2_bitmap_info *b = &l->bitmaps[i];
+    printf ("%s                {\n", indent);
+    printf ("%s                    \"flags\": [\n", indent);
+    if (b->in_use)
+      printf ("%s                        \"in-use\"%s\n", indent,
+              b->auto_enabled ? "," : "");
+    if (b->auto_enabled)
+      printf ("%s                        \"auto\"\n", indent);
+    printf ("%s                    ],\n", indent);
+    printf ("%s                    \"name\": ", indent);
+    json_string (stdout, b->name);
+    printf (",\n%s                    \"granularity\": %" PRIu64 "\n",
+            indent, b->granularity);
+    printf ("%s                }%s\n", indent,
+            i + 1 < l->nb_bitmaps ? "," : "");
+  }
+  printf ("%s            ],\n", indent);
+}
+
+static void
 print_text (const struct layer *l)
 {
   const struct q2_image_info *in = &l->info;
@@ -216,7 +268,11 @@ print_text (const struct layer *l)
   printf ("Format specific information:\n");
   printf ("    compat: %s\n", compat_name (in->version));
   printf ("    compression type: %s\n", in->compression_type ? "zstd" : "zlib");
-  printf ("    lazy refcounts: %s\n", bool_name (in->lazy_refcounts));
+  /* Version 2 has none of the v3 fields (as in the JSON). */
+  if (in->version >= 3) {
+    printf ("    lazy refcounts: %s\n", bool_name (in->lazy_refcounts));
+    print_bitmaps_text (l);
+  }
   printf ("    refcount bits: %u\n", in->refcount_bits);
   /* In qemu-img's order, encrypt between the data file's two lines. */
   if (in->data_file)
@@ -225,9 +281,10 @@ print_text (const struct layer *l)
     print_encrypt_text (&l->enc);
   if (in->data_file)
     printf ("    data file raw: %s\n", bool_name (in->data_file_raw));
-  printf ("    corrupt: %s\n", bool_name (in->corrupt));
-  printf ("    extended l2: %s\n", bool_name (in->extended_l2));
-  printf ("    dirty: %s\n", bool_name (in->dirty));
+  if (in->version >= 3) {
+    printf ("    corrupt: %s\n", bool_name (in->corrupt));
+    printf ("    extended l2: %s\n", bool_name (in->extended_l2));
+  }
 }
 
 static void
@@ -237,28 +294,28 @@ print_json_snapshots (struct q2_image *img, const char *indent)
 
   if (n <= 0)
     return;
-  printf ("%s\"snapshots\": [", indent);
+  printf ("%s    \"snapshots\": [", indent);
   for (i = 0; i < n; i++) {
     struct q2_snapshot_info s;
     if (q2_snapshot_get (img, i, &s) < 0)
       continue;
-    printf ("%s\n%s    {\n", i ? "," : "", indent);
+    printf ("%s\n%s        {\n", i ? "," : "", indent);
     if (s.icount != UINT64_MAX)
-      printf ("%s        \"icount\": %" PRIu64 ",\n", indent, s.icount);
-    printf ("%s        \"vm-clock-nsec\": %" PRIu64 ",\n", indent,
+      printf ("%s            \"icount\": %" PRIu64 ",\n", indent, s.icount);
+    printf ("%s            \"vm-clock-nsec\": %" PRIu64 ",\n", indent,
             s.vm_clock_nsec % 1000000000);
-    printf ("%s        \"name\": ", indent);
+    printf ("%s            \"name\": ", indent);
     json_string (stdout, s.name);
-    printf (",\n%s        \"date-sec\": %u,\n", indent, s.date_sec);
-    printf ("%s        \"date-nsec\": %u,\n", indent, s.date_nsec);
-    printf ("%s        \"vm-clock-sec\": %" PRIu64 ",\n", indent,
+    printf (",\n%s            \"date-sec\": %u,\n", indent, s.date_sec);
+    printf ("%s            \"date-nsec\": %u,\n", indent, s.date_nsec);
+    printf ("%s            \"vm-clock-sec\": %" PRIu64 ",\n", indent,
             s.vm_clock_nsec / 1000000000);
-    printf ("%s        \"id\": ", indent);
+    printf ("%s            \"id\": ", indent);
     json_string (stdout, s.id);
-    printf (",\n%s        \"vm-state-size\": %" PRIu64 "\n%s    }", indent,
-            s.vm_state_size, indent);
+    printf (",\n%s            \"vm-state-size\": %" PRIu64 "\n%s        }",
+            indent, s.vm_state_size, indent);
   }
-  printf ("\n%s],\n", indent);
+  printf ("\n%s    ],\n", indent);
 }
 
 static void
@@ -268,13 +325,13 @@ print_json (const struct layer *l, const char *indent)
   bool qcow2 = strcmp (in->format, "qcow2") == 0;
 
   printf ("%s{\n", indent);
-  if (qcow2)
-    print_json_snapshots (l->img, indent);
   if (in->backing_format) {
     printf ("%s    \"backing-filename-format\": ", indent);
     json_string (stdout, in->backing_format);
     printf (",\n");
   }
+  if (qcow2)
+    print_json_snapshots (l->img, indent);
   printf ("%s    \"virtual-size\": %" PRIu64 ",\n", indent, in->virtual_size);
   printf ("%s    \"filename\": ", indent);
   json_string (stdout, l->name);
@@ -295,6 +352,7 @@ print_json (const struct layer *l, const char *indent)
               in->compression_type ? "zstd" : "zlib");
       printf ("%s            \"lazy-refcounts\": %s,\n", indent,
               bool_name (in->lazy_refcounts));
+      print_bitmaps_json (l, indent);
       printf ("%s            \"refcount-bits\": %u,\n", indent,
               in->refcount_bits);
       if (in->data_file) {
@@ -366,7 +424,8 @@ collect_layers (struct q2_image *top, const char *top_name,
       tool_error ("out of memory");
       return -1;
     }
-    if (q2_encrypt_info_get (img, &l->enc) < 0) {
+    if (q2_encrypt_info_get (img, &l->enc) < 0 ||
+        q2_bitmap_list (img, &l->bitmaps, &l->nb_bitmaps) < 0) {
       tool_error ("Could not open '%s': %s", name, q2_last_error ());
       return -1;
     }
@@ -496,29 +555,10 @@ cmd_info (int argc, char **argv)
   }
   if (json && chain)
     printf ("]\n");
-  if (!json && !chain && layers[0].info.backing) {
-    /* Show where the data comes from, one layer per line. */
-    struct q2_image *b = layers[0].info.backing;
-    const char *name = layers[0].backing_name;
-    char *owned = NULL;
-    printf ("Backing chain:\n");
-    while (b) {
-      struct q2_image_info bi;
-      char *next;
-      q2_image_get_info (b, &bi);
-      printf ("    %s (%s)\n", name, bi.format);
-      next = bi.backing_file ? combine_backing_name (name, bi.backing_file)
-        : NULL;
-      free (owned);
-      owned = next;
-      name = next;
-      b = bi.backing;
-    }
-    free (owned);
-  }
   for (i = 0; i < n; i++) {
     free (layers[i].name);
     free (layers[i].backing_name);
+    free (layers[i].bitmaps);
   }
   q2_close (img);
   return 0;
