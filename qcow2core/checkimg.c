@@ -108,7 +108,7 @@ compare_refcounts (struct pass *p, const uint32_t *refs, uint64_t nb)
   int r;
 
   for (c = 0; c < nb; c++) {
-    uint64_t rc;
+    uint64_t rc, rc_now;
     if (refs[c]) {
       highest = c;
       any = true;
@@ -122,6 +122,7 @@ compare_refcounts (struct pass *p, const uint32_t *refs, uint64_t nb)
       c = Q2_ROUND_DOWN (c, per_block) + per_block - 1;
       continue;
     }
+    rc_now = rc;
     if (rc > refs[c]) {
       p->leaks++;
       report (p, false, "Leaked cluster %llu refcount=%llu reference=%u",
@@ -135,12 +136,19 @@ compare_refcounts (struct pass *p, const uint32_t *refs, uint64_t nb)
                 "reference=%u", (unsigned long long) c,
                 (unsigned long long) rc, refs[c]);
         p->leaks_fixed++;
+        rc_now = refs[c];
       }
     }
     else if (rc < refs[c]) {
       p->corruptions++;
       report (p, false, "ERROR cluster %llu refcount=%llu reference=%u",
               (unsigned long long) c, (unsigned long long) rc, refs[c]);
+    }
+    /* As QEMU: the image ends after the last cluster still counted,
+     * a leak that is not repaired too. */
+    if (rc_now > 0) {
+      highest = c;
+      any = true;
     }
   }
   p->image_end_offset = any ? (highest + 1) << img->cluster_bits : 0;
@@ -174,11 +182,12 @@ copied_wrong (struct pass *p, uint64_t host, uint64_t entry, uint64_t *rc)
  * allocation statistics. */
 static int
 check_l2 (struct pass *p, const char *where, uint64_t l1_index,
-          uint64_t l2_off, uint8_t *buf, uint64_t *next_contiguous)
+          uint64_t l2_off, uint8_t *buf)
 {
   struct q2_image *img = p->img;
   bool data_file = img->data_fd != img->fd;
-  uint64_t i, n = 1ULL << img->l2_bits;
+  /* Contiguity is counted within one L2 table, as qemu-img does. */
+  uint64_t i, n = 1ULL << img->l2_bits, next_contiguous = 0;
   int r;
 
   r = q2_io_pread (img->fd, buf, img->cluster_size, l2_off, false,
@@ -221,9 +230,9 @@ check_l2 (struct pass *p, const char *where, uint64_t l1_index,
     if (host == 0 && !(data_file && (entry & QCOW_OFLAG_COPIED)))
       continue;
     p->allocated++;
-    if (*next_contiguous && host != *next_contiguous)
+    if (next_contiguous && host != next_contiguous)
       p->fragmented++;
-    *next_contiguous = host + img->cluster_size;
+    next_contiguous = host + img->cluster_size;
     if (data_file)
       continue;                 /* data clusters are not refcounted */
     if (host >= img->file_size) {
@@ -249,7 +258,7 @@ check_tables (struct pass *p, const char *where, const uint64_t *l1,
               uint64_t l1_size)
 {
   struct q2_image *img = p->img;
-  uint64_t i, next_contiguous = 0;
+  uint64_t i;
   uint8_t *buf = malloc (img->cluster_size);
   int r = 0;
 
@@ -276,7 +285,7 @@ check_tables (struct pass *p, const char *where, const uint64_t *l1,
       report (p, false, "ERROR OFLAG_COPIED L2 cluster: l1_index=%llu "
               "l1_entry=%llx refcount=%llu", (unsigned long long) i,
               (unsigned long long) l1e, (unsigned long long) rc);
-    if ((r = check_l2 (p, where, i, l2_off, buf, &next_contiguous)) < 0)
+    if ((r = check_l2 (p, where, i, l2_off, buf)) < 0)
       break;
   }
   free (buf);

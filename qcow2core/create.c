@@ -764,17 +764,29 @@ q2_encrypt_info_get (const struct q2_image *img, struct q2_encrypt_info *info)
   return 0;
 }
 
-/* Opens (creating, not yet truncating) a file the new image is made
- * of. */
+/* The files a new image is made of. */
+struct new_files {
+  int fd, dfd;                  /* the image, the external data file */
+  char *dpath;                  /* the data file's path, or NULL */
+  /* Made by us: removed if creation fails (so is a file that existed,
+   * once truncated). */
+  bool created, dcreated;
+};
+
+/* Opens (creating, not yet truncating) a file of the new image. */
 static int
-open_new_file (const char *path, const char *what, bool nocow, int *fd)
+open_new_file (const char *path, bool nocow, int *fd, bool *created)
 {
   int attr;
 
-  *fd = open (path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+  /* Read access too: the lock bytes are read locks. */
+  *fd = open (path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  *created = *fd >= 0;
+  if (*fd == -1 && errno == EEXIST)
+    *fd = open (path, O_RDWR | O_CLOEXEC);
   if (*fd == -1) {
     int e = errno;
-    return q2_err (e, "%s%s%s", what, *what ? ": " : "", strerror (e));
+    return q2_err (e, "Could not create '%s': %s", path, strerror (e));
   }
   /* As QEMU: on btrfs, no copy-on-write of the file's extents; a file
    * system without the flag just keeps it unset. */
@@ -785,41 +797,57 @@ open_new_file (const char *path, const char *what, bool nocow, int *fd)
   return 0;
 }
 
-/* Opens the image file and the external data file, refusing a data
- * file that is the image itself, before either is truncated. */
-static int
-open_new_files (const char *path, const struct q2_create_opts *o, int *fd,
-                int *dfd)
+/* Closes the files after a failure, removing what we made. */
+static void
+close_new_files (struct new_files *nf, const char *path)
 {
-  char *dpath = NULL;
+  if (nf->fd >= 0)
+    close (nf->fd);
+  if (nf->dfd >= 0)
+    close (nf->dfd);
+  nf->fd = nf->dfd = -1;
+  if (nf->created)
+    unlink (path);
+  if (nf->dcreated)
+    unlink (nf->dpath);
+}
+
+/* Opens the image file and the external data file, refusing a data
+ * file that is the image itself, and takes QEMU's write locks on them
+ * before either is truncated, as qemu-img create does: an image another
+ * process is using must not be destroyed. */
+static int
+open_new_files (const char *path, const struct q2_create_opts *o,
+                struct new_files *nf)
+{
   int r;
 
-  *fd = *dfd = -1;
+  *nf = (struct new_files) { .fd = -1, .dfd = -1 };
   if (o->data_file) {
-    if ((dpath = near_image (path, o->data_file)) == NULL)
+    if ((nf->dpath = near_image (path, o->data_file)) == NULL)
       return q2_err (ENOMEM, "out of memory");
-    r = open_new_file (dpath, "", o->nocow, dfd);
-    if (r < 0) {
-      r = q2_err_prefix (r, "data_file: Could not create '%s'", dpath);
-      free (dpath);
-      return r;
-    }
+    if ((r = open_new_file (nf->dpath, o->nocow, &nf->dfd,
+                            &nf->dcreated)) < 0)
+      return q2_err_prefix (r, "data_file");
   }
-  r = open_new_file (path, "", o->nocow, fd);
-  if (r == 0 && *dfd >= 0 && q2_same_file (*fd, *dfd))
-    r = q2_err (EINVAL, "data_file: %s is the image itself", dpath);
+  r = open_new_file (path, o->nocow, &nf->fd, &nf->created);
+  if (r == 0 && nf->dfd >= 0 && q2_same_file (nf->fd, nf->dfd))
+    r = q2_err (EINVAL, "data_file: %s is the image itself", nf->dpath);
+  if (r == 0 && nf->dfd >= 0 &&
+      (r = q2_lock_image (nf->dfd, nf->dpath, true)) < 0)
+    r = q2_err_prefix (r, "data_file");
+  /* Errors about the image are prefixed with its name later. */
   if (r == 0)
-    r = truncate_file (*fd, 0, "the image");
-  if (r == 0 && *dfd >= 0)
-    r = truncate_file (*dfd, 0, "the data file");
-  free (dpath);
-  if (r < 0) {
-    if (*fd >= 0)
-      close (*fd);
-    if (*dfd >= 0)
-      close (*dfd);
-    *fd = *dfd = -1;
+    r = q2_lock_image (nf->fd, "", true);
+  if (r == 0) {
+    nf->created = true;
+    nf->dcreated = nf->dfd >= 0;
+    r = truncate_file (nf->fd, 0, "the image");
   }
+  if (r == 0 && nf->dfd >= 0)
+    r = truncate_file (nf->dfd, 0, "the data file");
+  if (r < 0)
+    close_new_files (nf, path);
   return r;
 }
 
@@ -873,8 +901,8 @@ q2_create (const char *path, uint64_t size, const struct q2_create_opts *opts)
   size_t luks_len = 0;
   struct q2_crypto *crypto = NULL;
   uint64_t backing_size = UINT64_MAX, end;
-  int fd, dfd, r;
-
+  struct new_files nf = { .fd = -1, .dfd = -1 };
+  int fd, r;
 
   if ((r = validate_opts (o)) < 0 || (r = validate_encrypt (o)) < 0)
     return q2_err_prefix (r, "%s", path);
@@ -913,8 +941,9 @@ q2_create (const char *path, uint64_t size, const struct q2_create_opts *opts)
   if ((r = build_header (buf, size, o, backing_format, &l, luks_len)) < 0)
     goto fail_crypto;
 
-  if ((r = open_new_files (path, o, &fd, &dfd)) < 0)
+  if ((r = open_new_files (path, o, &nf)) < 0)
     goto fail_crypto;
+  fd = nf.fd;
   r = q2_io_pwrite (fd, buf, l.cs, 0, "qcow2 header");
   if (r == 0)
     r = write_refcounts (fd, &l, o->refcount_bits, buf);
@@ -935,13 +964,20 @@ q2_create (const char *path, uint64_t size, const struct q2_create_opts *opts)
       end = l.luks_off + l.luks_clusters * l.cs;
     r = truncate_file (fd, end, "the image");
   }
-  if (dfd >= 0) {
+  if (nf.dfd >= 0) {
     if (r == 0)
-      r = size_data_file (dfd, size, o, &l, crypto);
-    r = sync_and_close (dfd, "the data file", r);
+      r = size_data_file (nf.dfd, size, o, &l, crypto);
+    r = sync_and_close (nf.dfd, "the data file", r);
   }
   r = sync_and_close (fd, "the image", r);
+  /* As qemu-img: no half-made image that looks valid is left. */
+  if (r < 0) {
+    unlink (path);
+    if (nf.dpath)
+      unlink (nf.dpath);
+  }
  fail_crypto:
+  free (nf.dpath);
   free (buf);
   if (luks) {
     explicit_bzero (luks, luks_len);

@@ -82,7 +82,8 @@ void q2_fault_counts (uint64_t *writes, uint64_t *syncs);
 
 /* ---- lock.c ---- */
 /* Takes QEMU-compatible locks for a reader or a writer and fails with
- * -EBUSY if another process holds conflicting ones. */
+ * -EBUSY if another process holds conflicting ones.  Messages start
+ * with path, unless it is "". */
 int q2_lock_image (int fd, const char *path, bool write);
 void q2_unlock_image (int fd);
 

@@ -79,13 +79,13 @@ q2_lock_image (int fd, const char *path, bool write)
   }
   for (i = 0; i < P_MAX; i++) {
     if ((perm & (1u << i)) && locked_by_other (fd, SHARED_BASE + i))
-      return q2_err (EBUSY, "%s: failed to get the \"%s\" lock: is another "
-                     "process (qemu?) using the image?", path,
-                     perm_names[i]);
-    if (!(shared & (1u << i)) && locked_by_other (fd, PERM_BASE + i))
-      return q2_err (EBUSY, "%s: failed to get the shared \"%s\" lock: is "
+      return q2_err (EBUSY, "%s%sfailed to get the \"%s\" lock: is "
                      "another process (qemu?) using the image?", path,
-                     perm_names[i]);
+                     *path ? ": " : "", perm_names[i]);
+    if (!(shared & (1u << i)) && locked_by_other (fd, PERM_BASE + i))
+      return q2_err (EBUSY, "%s%sfailed to get the shared \"%s\" lock: "
+                     "is another process (qemu?) using the image?", path,
+                     *path ? ": " : "", perm_names[i]);
   }
   return 0;
 
@@ -95,6 +95,7 @@ q2_lock_image (int fd, const char *path, bool write)
   {
     int e = errno;
     return q2_err (e == EAGAIN || e == EACCES ? EBUSY : e,
-                   "%s: cannot lock the image: %s", path, strerror (e));
+                   "%s%scannot lock the image: %s", path, *path ? ": " : "",
+                   strerror (e));
   }
 }

@@ -21,19 +21,16 @@ raw_map (struct q2_image *img, uint64_t offset, uint64_t len,
   return 0;
 }
 
+static int layer_map (struct q2_image *img, uint64_t offset, uint64_t len,
+                      struct q2_map_info *out);
+
 static int
-layer_map (struct q2_image *img, uint64_t offset, uint64_t len,
-           struct q2_map_info *out)
+qcow2_layer_map (struct q2_image *img, uint64_t offset, uint64_t len,
+                 struct q2_map_info *out)
 {
   uint64_t cluster_end;
   struct q2_map m;
   int r;
-
-  memset (out, 0, sizeof *out);
-  out->depth = img->depth;
-  out->filename = img->path;
-  if (img->fmt == Q2_FMT_RAW)
-    return raw_map (img, offset, len, out);
 
   if ((r = q2_map (img, offset, len, &m)) < 0)
     return r;
@@ -88,6 +85,27 @@ layer_map (struct q2_image *img, uint64_t offset, uint64_t len,
     out->offset = m.host_offset;
   }
   return 0;
+}
+
+static int
+layer_map (struct q2_image *img, uint64_t offset, uint64_t len,
+           struct q2_map_info *out)
+{
+  int r;
+
+  memset (out, 0, sizeof *out);
+  out->depth = img->depth;
+  out->filename = img->path;
+  if (img->fmt == Q2_FMT_RAW)
+    return raw_map (img, offset, len, out);
+  r = qcow2_layer_map (img, offset, len, out);
+  /* As QEMU: the host offset of an encrypted layer's cluster holds
+   * ciphertext, so it is not shown. */
+  if (r == 0 && out->depth == img->depth && img->hdr.crypt_method) {
+    out->has_offset = false;
+    out->offset = 0;
+  }
+  return r;
 }
 
 int

@@ -18,6 +18,11 @@ setup ()
     cd "$BATS_TEST_TMPDIR"
 }
 
+teardown ()
+{
+    stop_nbdkit
+}
+
 # qjson FILE EXPR...: evaluates python expressions on the parsed JSON
 # file (as j); prints each result.
 qjson ()
@@ -971,7 +976,11 @@ repair_all_keeps_data ()
     for _ in $(seq 1 100); do [ -S q.sock ] && break; sleep 0.05; done
     kill -9 $pid; wait $pid || true
     qemu-img info -U iu.qcow2 | grep -q in-use
-    for f in v2 l aes e rb top bm iu; do
+    # The dirty bit (lazy refcounts, QEMU killed after a write).
+    qemu-img create -q -f qcow2 -o lazy_refcounts=on d.qcow2 10M
+    qemu-io -c 'write 0 64k' -c abort d.qcow2 > /dev/null 2>&1 || true
+    qemu-img info d.qcow2 | grep -q "cleanly shut down: no"
+    for f in v2 l aes e rb top bm iu d; do
         diff <(qemu-img info -U $f.qcow2) <("$TOOL" info -U $f.qcow2) ||
             { echo "text of $f"; return 1; }
         diff <(qemu-img info -U --output=json $f.qcow2) \
@@ -983,4 +992,75 @@ repair_all_keeps_data ()
              <("$TOOL" info -U --backing-chain --json $f.qcow2) ||
             { echo "chain json of $f"; return 1; }
     done
+}
+
+@test "tool create: an image in use is refused and kept; a failed create leaves no image" {
+    qemu-img create -q -f qcow2 live.qcow2 4M
+    qemu-io -c "write -P 7 0 1M" live.qcow2 > /dev/null
+    cp live.qcow2 before.qcow2
+    start_nbdkit "$PLUGIN" file="$PWD/live.qcow2"
+    run -1 "$TOOL" create -q live.qcow2 1M
+    [[ "$output" == *'live.qcow2: failed to get the "write" lock'* ]] || { echo "$output"; return 1; }
+    # A data file in use is refused too, before the image is touched.
+    run -1 "$TOOL" create -q -o data_file=live.qcow2 other.qcow2 1M
+    [[ "$output" == *"data_file: "*"live.qcow2: failed to get"* ]] || { echo "$output"; return 1; }
+    [ ! -e other.qcow2 ]
+    stop_nbdkit
+    cmp live.qcow2 before.qcow2
+
+    # The file size limit hit while preallocating: like qemu-img, no
+    # half-written image is left behind.
+    run -1 bash -c "trap '' XFSZ; ulimit -f 2048; '$TOOL' create -q -o preallocation=full big.qcow2 10M"
+    [[ "$output" == *"File too large"* ]] || { echo "$output"; return 1; }
+    [ ! -e big.qcow2 ]
+    run -1 bash -c "trap '' XFSZ; ulimit -f 2048; '$TOOL' create -q -o data_file=big.raw,preallocation=full big.qcow2 10M"
+    [ ! -e big.qcow2 ] && [ ! -e big.raw ]
+}
+
+@test "tool info: a missing backing file is shown, not an error, without --backing-chain" {
+    qemu-img create -q -f qcow2 b.qcow2 1M
+    qemu-img create -q -f qcow2 -b b.qcow2 -F qcow2 t.qcow2
+    rm b.qcow2
+    run -0 "$TOOL" info t.qcow2
+    [ "$output" = "$(qemu-img info t.qcow2)" ]
+    run -0 "$TOOL" info --json t.qcow2
+    [ "$output" = "$(qemu-img info --output=json t.qcow2)" ]
+    run -1 "$TOOL" info --backing-chain t.qcow2
+    [[ "$output" == *"b.qcow2"*"No such file"* ]]
+}
+
+@test "tool map: an encrypted image's clusters have no offset (ciphertext), as in qemu-img map" {
+    local S="--object secret,id=s,data=pw"
+    local IO="driver=qcow2,file.filename=e.qcow2,encrypt.key-secret=s"
+    qemu-img create -q -f qcow2 $S -o encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10 e.qcow2 4M
+    qemu-io $S --image-opts "$IO" -c "write -P 1 0 64k" -c "write -z 1M 64k" > /dev/null
+    run -0 "$TOOL" map --json e.qcow2
+    [ "$output" = "$(qemu-img map $S --output=json --image-opts "$IO")" ]
+    [[ "$output" != *offset* ]]
+    run -1 "$TOOL" map e.qcow2
+    [[ "$output" == *"File contains external, encrypted or compressed clusters."* ]]
+    run -1 qemu-img map $S --image-opts "$IO"
+}
+
+@test "tool check: the image end offset counts leaked clusters, fragmentation is counted per L2 table, as qemu-img does" {
+    qemu-img create -q -f qcow2 l.qcow2 4M
+    qemu-io -c "write -P 1 0 64k" l.qcow2 > /dev/null
+    local sz
+    sz="$(stat -c %s l.qcow2)"
+    truncate -s $((sz + 65536)) l.qcow2
+    patch l.qcow2 $((0x20000 + 2 * (sz / 65536))) H 1     # a leaked last cluster
+    cp l.qcow2 q.qcow2
+    run -3 "$TOOL" check l.qcow2
+    [[ "$output" == *"Image end offset: $((sz + 65536))"* ]] || { echo "$output"; return 1; }
+    [ "$output" = "$(qemu-img check q.qcow2 2>&1)" ]
+    run -0 "$TOOL" check -r leaks l.qcow2
+    [ "$output" = "$(qemu-img check -r leaks q.qcow2 2>&1 | sed 's/q.qcow2/l.qcow2/g')" ]
+    [[ "$output" == *"Image end offset: $sz"* ]]
+
+    # One cluster in each of two L2 tables: not fragmented.
+    qemu-img create -q -f qcow2 -o cluster_size=512 f.qcow2 1M
+    qemu-io -c "write 0 512" -c "write 32k 512" f.qcow2 > /dev/null
+    run -0 "$TOOL" check f.qcow2
+    [ "$output" = "$(qemu-img check f.qcow2)" ]
+    [[ "$output" == *"0.00% fragmented"* ]]
 }

@@ -256,6 +256,8 @@ print_text (const struct layer *l)
   if (l->enc.format)
     printf ("encrypted: yes\n");
   printf ("cluster_size: %u\n", in->cluster_size);
+  if (in->dirty)
+    printf ("cleanly shut down: no\n");
   if (in->backing_file) {
     printf ("backing file: %s", in->backing_file);
     if (l->backing_name && strcmp (l->backing_name, in->backing_file) != 0)
@@ -450,14 +452,17 @@ chain_is_encrypted (struct q2_image *img)
   return false;
 }
 
-/* Opens the image (and its chain); a chain with an encrypted layer, which
- * needs a key to be opened for I/O, is opened header-only: info needs no
- * password. */
+/* Opens the image (and with chain, its backing chain: without it, like
+ * qemu-img, a missing backing file is no error); a chain with an
+ * encrypted layer, which needs a key to be opened for I/O, is opened
+ * header-only: info needs no password. */
 static struct q2_image *
-open_for_info (const char *path, bool share)
+open_for_info (const char *path, bool share, bool chain)
 {
-  struct q2_open_opts opts = { .readonly = true, .locking = !share };
-  struct q2_open_opts hdr_opts = { .readonly = true, .no_key = true };
+  struct q2_open_opts opts = { .readonly = true, .locking = !share,
+                               .no_backing = !chain };
+  struct q2_open_opts hdr_opts = { .readonly = true, .no_key = true,
+                                   .no_backing = !chain };
   struct q2_image *img, *hdr;
   char *msg;
   int r;
@@ -526,7 +531,7 @@ cmd_info (int argc, char **argv)
     tool_error ("info: expecting one image");
     return EXIT_FAIL;
   }
-  img = open_for_info (argv[optind], share);
+  img = open_for_info (argv[optind], share, chain);
   if (img == NULL)
     return EXIT_FAIL;
   memset (layers, 0, sizeof layers);

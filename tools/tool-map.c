@@ -98,7 +98,8 @@ static int
 print_human_entry (uint64_t start, const struct q2_map_info *m,
                    const struct names *nm)
 {
-  if (m->compressed) {
+  /* Data without a host offset: compressed or encrypted. */
+  if (m->data && !m->has_offset) {
     tool_error ("File contains external, encrypted or compressed "
                 "clusters.");
     return -1;
