@@ -175,6 +175,17 @@ valid_combo ()
     qemu-img check -q d.qcow2
     run "$TOOL" create -q e.qcow2 12Q
     [ "$status" -eq 1 ]
+    # Accepted and refused as qemu-img parses sizes.
+    local sz q t
+    for sz in 5KB 1.0000001 0x100 " 5" 1.5 1.5k 1.0001k 0x1k 1e3 5b 5K \
+              5kk 0x10M 0.5 .5k 5. 5.k 1.5e3k 0x1.5k 1.9999999999k +5 0x; do
+        rm -f q.qcow2 t.qcow2
+        q="$(qemu-img create -q -f qcow2 q.qcow2 "$sz" 2>/dev/null &&
+             qemu-img info --output=json q.qcow2 | qjson /dev/stdin "j['virtual-size']")" || q=refused
+        t="$("$TOOL" create -q t.qcow2 "$sz" 2>/dev/null &&
+             qemu-img info --output=json t.qcow2 | qjson /dev/stdin "j['virtual-size']")" || t=refused
+        [ "$q" = "$t" ] || { echo "size '$sz': qemu-img $q, ours $t"; return 1; }
+    done
 }
 
 @test "tool create: invalid combinations are refused like qemu-img" {

@@ -61,35 +61,35 @@ parse_size (const char *s, uint64_t *out)
 {
   static const char suffixes[] = "BKMGTPE";
   const char *p;
-  char *end;
+  char *end, *f;
   double frac = 0;
   uint64_t whole, mult = 1;
   int i;
 
-  if (!isdigit ((unsigned char) s[0]))
-    return false;
+  /* As QEMU's size parser: decimal, or hex after 0x (no fraction);
+   * a fraction needs a suffix; one suffix letter, nothing after it. */
   errno = 0;
   whole = strtoull (s, &end, 10);
-  if (errno)
+  if (errno || end == s || memchr (s, '-', end - s))
     return false;
-  if (*end == '.') {
-    frac = strtod (end, &end);
-    if (frac != frac)
+  if (whole == 0 && (*end == 'x' || *end == 'X')) {
+    whole = strtoull (s, &end, 16);
+    if (errno || *end == '.')
       return false;
   }
-  if (*end) {
-    p = strchr (suffixes, toupper ((unsigned char) *end));
-    if (p == NULL)
+  else if (*end == '.') {
+    frac = strtod (end, &f);
+    if (frac != frac || memchr (end, 'e', f - end) ||
+        memchr (end, 'E', f - end))
       return false;
+    end = f == end ? end + 1 : f;       /* "5." is 5 */
+  }
+  if (*end && (p = strchr (suffixes, toupper ((unsigned char) *end)))) {
     for (i = 0; i < p - suffixes; i++)
       mult *= 1024;
     end++;
-    if (p != suffixes && (*end == 'B' || *end == 'b') && end[1] == '\0')
-      end++;
-    if (*end)
-      return false;
   }
-  if (whole > UINT64_MAX / mult)
+  if (*end || (mult == 1 && frac != 0) || whole > UINT64_MAX / mult)
     return false;
   *out = whole * mult + (uint64_t) (frac * (double) mult);
   return true;
