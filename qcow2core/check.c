@@ -326,6 +326,7 @@ q2_rebuild_refcounts (struct q2_image *img)
   table = NULL;
   img->file_size = Q2_MAX (img->file_size, end * cs);
   img->free_hint = 0;
+  img->refcounts_lost = false;
 
   /* COPIED flags follow the new refcounts; then the image is clean. */
   arr.refs = refs;

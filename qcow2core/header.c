@@ -258,13 +258,23 @@ check_incompatible (const struct q2_header *h)
 }
 
 static int parse_header (const uint8_t *buf, size_t len, uint64_t file_size,
-                         struct q2_header *h);
+                         unsigned flags, struct q2_header *h);
+
+bool
+q2_reftable_past_eof (const struct q2_header *h, uint64_t cluster_size,
+                      uint64_t file_size)
+{
+  uint64_t bytes = (uint64_t) h->refcount_table_clusters * cluster_size;
+
+  return h->refcount_table_offset >= file_size ||
+    bytes > file_size - h->refcount_table_offset;
+}
 
 int
 q2_header_parse (const uint8_t *buf, size_t len, uint64_t file_size,
-                 struct q2_header *h)
+                 unsigned flags, struct q2_header *h)
 {
-  int r = parse_header (buf, len, file_size, h);
+  int r = parse_header (buf, len, file_size, flags, h);
 
   if (r < 0)
     q2_header_free (h);         /* leaves it cleared */
@@ -273,7 +283,7 @@ q2_header_parse (const uint8_t *buf, size_t len, uint64_t file_size,
 
 static int
 parse_header (const uint8_t *buf, size_t len, uint64_t file_size,
-              struct q2_header *h)
+              unsigned flags, struct q2_header *h)
 {
   uint64_t cluster_size, ext_end, l2_entries, l1_needed;
   uint32_t hdr_len;
@@ -468,7 +478,9 @@ parse_header (const uint8_t *buf, size_t len, uint64_t file_size,
                    "refcount_table_offset (refcount table)",
                    h->refcount_table_offset,
                    (uint64_t) h->refcount_table_clusters * cluster_size / 8,
-                   8, QCOW2_MAX_REFTABLE_BYTES, cluster_size, file_size);
+                   8, QCOW2_MAX_REFTABLE_BYTES, cluster_size,
+                   flags & Q2_HDR_REFTABLE_PAST_EOF ? UINT64_MAX
+                   : file_size);
   if (r < 0)
     goto fail;
   if (h->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {

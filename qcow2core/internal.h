@@ -174,9 +174,15 @@ struct q2_header {
 
 /* Parses and validates the header in buf (the first cluster, or less if
  * the file is shorter; len is the number of valid bytes) against
- * file_size.  On error the header is cleared. */
+ * file_size.  On error the header is cleared.  With
+ * Q2_HDR_REFTABLE_PAST_EOF, a refcount table past the end of the file is
+ * accepted (check reads it as empty and rebuilds it, as QEMU can). */
+#define Q2_HDR_REFTABLE_PAST_EOF 1u
 int q2_header_parse (const uint8_t *buf, size_t len, uint64_t file_size,
-                     struct q2_header *h);
+                     unsigned flags, struct q2_header *h);
+/* Does the refcount table end past file_size? */
+bool q2_reftable_past_eof (const struct q2_header *h, uint64_t cluster_size,
+                           uint64_t file_size);
 void q2_header_free (struct q2_header *h);
 /* Name of an incompatible feature bit from the feature-name table. */
 const char *q2_header_feature_name (const struct q2_header *h,
@@ -295,6 +301,9 @@ struct q2_image {
    * metadata writers never race with each other or with readers. */
   pthread_rwlock_t io_lock;
   bool corrupt;                 /* set: refuse every further write */
+  /* Opened for check with the refcount table past the end of the file:
+   * every refcount reads 0 until q2_rebuild_refcounts. */
+  bool refcounts_lost;
   bool header_touched;          /* autoclear bits cleared already */
   bool l1_dirty, reftable_dirty;
   /* What was written since the last ordered sync (Q2_UNSYNCED_*): each

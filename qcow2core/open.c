@@ -200,7 +200,8 @@ setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
   uint32_t slice;
   int r;
 
-  r = q2_header_parse (buf, len, img->file_size, h);
+  r = q2_header_parse (buf, len, img->file_size,
+                       opts->for_check ? Q2_HDR_REFTABLE_PAST_EOF : 0, h);
   if (r < 0)
     return r;
   if ((r = check_features (img)) < 0)
@@ -221,9 +222,17 @@ setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
     return r;
   img->reftable_entries =
     (uint64_t) h->refcount_table_clusters * img->cluster_size / 8;
-  r = q2_read_table (img, h->refcount_table_offset, img->reftable_entries,
-                  "refcount table", &img->reftable);
-  if (r < 0)
+  if (q2_reftable_past_eof (h, img->cluster_size, img->file_size)) {
+    /* Only with for_check; the size was bounded by the header check. */
+    img->reftable = calloc (img->reftable_entries ? img->reftable_entries
+                            : 1, sizeof *img->reftable);
+    if (img->reftable == NULL)
+      return q2_err (ENOMEM, "out of memory for the refcount table");
+    img->refcounts_lost = true;
+  }
+  else if ((r = q2_read_table (img, h->refcount_table_offset,
+                               img->reftable_entries, "refcount table",
+                               &img->reftable)) < 0)
     return r;
 
   slice = slice_size_for (img->cluster_size);

@@ -31,6 +31,10 @@ struct q2_open_opts {
   /* Read-only: open an encrypted image without its password, for its
    * metadata only; reading its data then fails with -EPERM. */
   bool no_key;
+  /* For check and repair: a refcount table past the end of the file is
+   * read as empty (every refcount 0), so that the check reports it and
+   * -r all rebuilds the refcounts.  Writes need that rebuild first. */
+  bool for_check;
 };
 
 /* Open a qcow2 image and its whole backing chain (qcow2 or raw). */

@@ -1075,3 +1075,26 @@ repair_all_keeps_data ()
     [ "$output" = "$(qemu-img check f.qcow2)" ]
     [[ "$output" == *"0.00% fragmented"* ]]
 }
+
+@test "tool check: a refcount table past the end of the file is reported and -r all rebuilds it, as qemu-img does; the plugin refuses the image" {
+    qemu-img create -q -f qcow2 x.qcow2 4M
+    qemu-io -c "write -P 1 0 64k" x.qcow2 > /dev/null
+    patch x.qcow2 48 Q $((256 << 20))                  # refcount_table_offset
+    cp x.qcow2 q.qcow2
+    run -1 nbdkit -U - "$PLUGIN" file="$PWD/x.qcow2" --run true
+    [[ "$output" == *"refcount_table_offset (refcount table) 0x10000000"*"past the end of the file"* ]] ||
+        { echo "$output"; return 1; }
+    same_check_status x.qcow2
+    [ "$check_status" -eq 2 ]
+    [[ "$output" == *"ERROR cluster 0 refcount=0 reference=1"* ]]
+    # -r leaks cannot allocate with lost refcounts, and does not try.
+    run "$TOOL" check -r leaks x.qcow2
+    [ "$status" -eq 2 ]
+    run -0 "$TOOL" check -r all x.qcow2
+    [[ "$output" == *"Rebuilding refcount structure"* ]]
+    qemu-img check x.qcow2
+    run -0 qemu-io -c "read -P 1 0 64k" x.qcow2
+    [[ "$output" != *"verification failed"* ]]
+    qemu-img check -q -r all q.qcow2
+    qemu-img compare x.qcow2 q.qcow2
+}

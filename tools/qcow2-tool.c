@@ -227,13 +227,14 @@ password_free (struct password_opt *p)
 
 struct q2_image *
 open_image (const char *path, bool writable, bool force_share,
-            const char *password)
+            const char *password, bool for_check)
 {
   /* Reading metadata (check, map, snapshot -l) needs no key; changing
    * it does: the core makes an image writable only with its key. */
   struct q2_open_opts opts = { .readonly = true, .locking = !force_share,
                                .no_key = !writable && !password,
-                               .password = password };
+                               .password = password,
+                               .for_check = for_check };
   struct q2_image *img;
   int r;
 

@@ -177,7 +177,7 @@ cmd_check (int argc, char **argv)
     return CHECK_FAILED;
   }
   path = argv[optind];
-  img = open_image (path, false, share, pw.password);
+  img = open_image (path, false, share, pw.password, true);
   password_free (&pw);
   if (img == NULL)
     return CHECK_FAILED;

@@ -149,7 +149,7 @@ cmd_map (int argc, char **argv)
     tool_error ("map: expecting one image");
     return EXIT_FAIL;
   }
-  img = open_image (argv[optind], false, share, NULL);
+  img = open_image (argv[optind], false, share, NULL, false);
   if (img == NULL)
     return EXIT_FAIL;
   collect_names (img, argv[optind], &nm);

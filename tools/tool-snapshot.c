@@ -103,7 +103,8 @@ cmd_snapshot (int argc, char **argv)
     fputs (snapshot_help, stderr);
     return EXIT_FAIL;
   }
-  img = open_image (argv[optind], act != ACT_LIST, false, pw.password);
+  img = open_image (argv[optind], act != ACT_LIST, false, pw.password,
+                    false);
   password_free (&pw);
   if (img == NULL)
     return EXIT_FAIL;

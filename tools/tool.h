@@ -36,9 +36,11 @@ void json_string (FILE *f, const char *s);
 /* Opens an image read-only (or writable), reporting errors. */
 /* force_share (-U): open read-only without taking QEMU's image locks,
  * to look at an image another process is using.  password: of an
- * encrypted image, or NULL (enough to read its metadata). */
+ * encrypted image, or NULL (enough to read its metadata).  for_check:
+ * see q2_open_opts. */
 struct q2_image *open_image (const char *path, bool writable,
-                             bool force_share, const char *password);
+                             bool force_share, const char *password,
+                             bool for_check);
 /* The whole content of a file (a password); with chomp, trailing
  * newlines are dropped.  malloc'd; NULL (reported) on failure. */
 char *read_secret_file (const char *path, bool chomp);

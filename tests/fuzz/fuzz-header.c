@@ -18,7 +18,7 @@ parse_once (const uint8_t *data, size_t size, uint64_t file_size)
   uint32_t i;
   int bit;
 
-  if (q2_header_parse (data, size, file_size, &h) < 0)
+  if (q2_header_parse (data, size, file_size, 0, &h) < 0)
     return;
   /* Touch what was parsed so the sanitizers see every byte. */
   if (h.backing_file)

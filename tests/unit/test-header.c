@@ -153,7 +153,7 @@ bitmaps_ext (uint8_t *d, uint32_t nb, uint32_t reserved, uint64_t dir_size,
 static int
 parse (struct hbuf *hb, const struct spec *s, struct q2_header *h)
 {
-  return q2_header_parse (hb->buf, hb->len, s->file_size, h);
+  return q2_header_parse (hb->buf, hb->len, s->file_size, 0, h);
 }
 
 /* No allocation is left behind (whatever the other fields hold). */
@@ -643,15 +643,15 @@ test_reject_basic (void)
   s = spec_default (3, 16);
   hdr_build (&hb, &s);
   memset (&h, 0x5a, sizeof h);
-  CHECK_EQ_INT (q2_header_parse (hb.buf, 71, s.file_size, &h), -EINVAL);
+  CHECK_EQ_INT (q2_header_parse (hb.buf, 71, s.file_size, 0, &h), -EINVAL);
   CHECK (header_is_cleared (&h));
-  CHECK_EQ_INT (q2_header_parse (hb.buf, 100, s.file_size, &h), -EINVAL);
+  CHECK_EQ_INT (q2_header_parse (hb.buf, 100, s.file_size, 0, &h), -EINVAL);
   CHECK_STR_CONTAINS (q2_last_error (), "version 3");
   /* header_length 112 but only 104 bytes in the file. */
-  CHECK_EQ_INT (q2_header_parse (hb.buf, 104, s.file_size, &h), -EINVAL);
+  CHECK_EQ_INT (q2_header_parse (hb.buf, 104, s.file_size, 0, &h), -EINVAL);
   CHECK_STR_CONTAINS (q2_last_error (), "header_length");
   /* A file that ends right after the header is fine. */
-  CHECK_EQ_INT (q2_header_parse (hb.buf, 112, s.file_size, &h), 0);
+  CHECK_EQ_INT (q2_header_parse (hb.buf, 112, s.file_size, 0, &h), 0);
   q2_header_free (&h);
   free (hb.buf);
 }
