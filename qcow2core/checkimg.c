@@ -481,10 +481,14 @@ check_locked (struct q2_image *img, int mode, struct q2_check_result *res)
     }
   }
 
-  /* Double check what the repair left. */
+  /* Double check what the repair left; what it could not repair (an
+   * invalid entry no rebuild changes) is not counted as fixed. */
   if ((r = run_pass (img, res, false, false, &last)) < 0)
     return r;
   set_result (res, &last);
+  if (res->rebuilt)
+    res->corruptions_fixed = first.corruptions > last.corruptions ?
+      first.corruptions - last.corruptions : 0;
   if (last.corruptions == 0 && (r = mark_consistent (img)) < 0)
     return r;
   return q2_flush_locked (img);

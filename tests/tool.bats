@@ -1098,3 +1098,15 @@ repair_all_keeps_data ()
     qemu-img check -q -r all q.qcow2
     qemu-img compare x.qcow2 q.qcow2
 }
+
+@test "tool check: -r all does not count what it could not repair (an invalid subcluster bitmap) as fixed" {
+    qemu-img create -q -f qcow2 -o extended_l2=on e.qcow2 4M
+    qemu-io -c "write -P 1 0 4k" e.qcow2 > /dev/null
+    local l2
+    l2="$(( $(read_be e.qcow2 "$(read_be e.qcow2 40 Q)" Q) & 0x00fffffffffffe00 ))"
+    patch e.qcow2 $((l2 + 8)) Q "$(read_be e.qcow2 $((l2 + 8)) Q) | (1 << 32)"
+    run -2 "$TOOL" check -r all --json e.qcow2
+    [ "$(qjson <(echo "$output" | sed -n '/^{/,$p') "j.get('corruptions-fixed', 0)" "j['corruptions']")" = "0
+1" ] || { echo "$output"; return 1; }
+    run -2 qemu-img check -r all e.qcow2
+}
