@@ -301,6 +301,8 @@ struct q2_image {
    * metadata writers never race with each other or with readers. */
   pthread_rwlock_t io_lock;
   bool corrupt;                 /* set: refuse every further write */
+  /* errno of a failed fdatasync: every later sync fails (atomic). */
+  int sync_error;
   /* Opened for check with the refcount table past the end of the file:
    * every refcount reads 0 until q2_rebuild_refcounts. */
   bool refcounts_lost;

@@ -13,10 +13,20 @@
 int
 q2_sync (struct q2_image *img)
 {
-  int r = q2_io_sync (img->fd, "image");
+  int e = __atomic_load_n (&img->sync_error, __ATOMIC_ACQUIRE), r;
 
+  /* After a failed fdatasync the kernel may have dropped the dirty
+   * pages and marked them clean: a later fdatasync would succeed
+   * without them.  So, as QEMU does, every later sync fails too. */
+  if (e)
+    return q2_err (e, "an earlier fdatasync of the image failed: writes "
+                   "since the last good flush may be lost; flushes keep "
+                   "failing until the image is reopened (and checked)");
+  r = q2_io_sync (img->fd, "image");
   if (r == 0 && img->data_fd != img->fd)
     r = q2_io_sync (img->data_fd, "external data file");
+  if (r < 0)
+    __atomic_store_n (&img->sync_error, -r, __ATOMIC_RELEASE);
   return r;
 }
 

@@ -162,19 +162,6 @@ setup_encryption (struct q2_image *img, const char *password, bool no_key)
   return r;
 }
 
-static int
-check_features (struct q2_image *img)
-{
-  const struct q2_header *h = &img->hdr;
-  if (!img->readonly && (h->incompatible_features & QCOW2_INCOMPAT_CORRUPT))
-    return q2_err (EROFS, "the image is marked corrupt (incompatible bit 1); "
-                   "it can only be opened read-only until it is repaired");
-  if (!img->readonly && (h->incompatible_features & QCOW2_INCOMPAT_DIRTY))
-    return q2_err (EROFS, "the image is marked dirty (incompatible bit 0); "
-                   "it can only be opened read-only until it is repaired");
-  return 0;
-}
-
 void
 q2_set_geometry (struct q2_image *img)
 {
@@ -203,8 +190,6 @@ setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
   r = q2_header_parse (buf, len, img->file_size,
                        opts->for_check ? Q2_HDR_REFTABLE_PAST_EOF : 0, h);
   if (r < 0)
-    return r;
-  if ((r = check_features (img)) < 0)
     return r;
   if ((r = setup_encryption (img, opts->password, opts->no_key)) < 0)
     return r;
@@ -496,8 +481,22 @@ int
 q2_open (const char *path, const struct q2_open_opts *opts,
          struct q2_image **out)
 {
-  /* The top of the chain must be qcow2; only backing files may be raw. */
-  return q2_open_layer (path, "qcow2", opts, 0, NULL, out);
+  struct q2_open_opts ro = *opts;
+  int r;
+
+  /* The top of the chain must be qcow2; only backing files may be raw.
+   * Every layer is opened read-only; a writable image then goes through
+   * q2_make_writable, which refuses a corrupt image, repairs a dirty one
+   * and arms the caches' write-back. */
+  ro.readonly = true;
+  r = q2_open_layer (path, "qcow2", &ro, 0, NULL, out);
+  if (r < 0 || opts->readonly)
+    return r;
+  if ((r = q2_make_writable (*out)) < 0) {
+    q2_close (*out);            /* read-only: nothing to write back */
+    *out = NULL;
+  }
+  return r;
 }
 
 /* Reopens a file read-write in place: dup2 keeps the descriptor number

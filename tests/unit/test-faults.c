@@ -565,6 +565,38 @@ KIND_TEST (test_faults_extl2_64k, 3)
 KIND_TEST (test_faults_snapshot_64k, 4)
 KIND_TEST (test_faults_rc1_4k, 5)
 
+/* After a failed fdatasync the kernel may have dropped the lost pages:
+ * a later sync must not report them durable (QEMU fails every later
+ * flush too).  In-place data writes still work. */
+static void
+test_sync_failure_is_sticky (void)
+{
+  struct q2_open_opts opts = { .readonly = false };
+  struct q2_create_opts co;
+  struct q2_image *img;
+  char path[300];
+  uint8_t buf[4096];
+  int r;
+
+  snprintf (path, sizeof path, "%s/sticky.qcow2", tmpdir);
+  q2_create_opts_init (&co);
+  CHECK_EQ_INT (q2_create (path, 1 << 20, &co), 0);
+  CHECK_EQ_INT (q2_open (path, &opts, &img), 0);
+  CHECK_EQ_INT (q2_make_writable (img), 0);
+  memset (buf, 0x11, sizeof buf);
+  CHECK_EQ_INT (q2_pwrite (img, buf, sizeof buf, 0, false), 0);
+  q2_fault_arm (0, 1);                  /* the next sync fails */
+  CHECK_EQ_INT (q2_flush (img), -EIO);
+  q2_fault_arm (0, 0);
+  r = q2_flush (img);
+  CHECK_EQ_INT (r, -EIO);
+  CHECK (strstr (q2_last_error (), "earlier fdatasync") != NULL);
+  CHECK_EQ_INT (q2_pwrite (img, buf, sizeof buf, 0, false), 0);
+  CHECK_EQ_INT (q2_pwrite (img, buf, sizeof buf, 0, true), -EIO);
+  q2_close (img);
+  unlink (path);
+}
+
 int
 main (void)
 {
@@ -600,6 +632,7 @@ main (void)
   RUN (test_faults_extl2_64k);
   RUN (test_faults_snapshot_64k);
   RUN (test_faults_rc1_4k);
+  RUN (test_sync_failure_is_sticky);
 
   rmdir (tmpdir);
   return unit_done ();
