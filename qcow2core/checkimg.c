@@ -21,6 +21,9 @@ struct pass {
   bool fix_leaks;
   bool refs_ok;                 /* the reference walk completed */
   bool rebuild;                 /* refcount structures are broken */
+  /* What QEMU repairs only by a rebuild (its "rebuild" flag): -r leaks
+   * then gives up, as qemu-img check -r leaks does. */
+  bool rebuild_only;
   uint64_t leaks, corruptions, leaks_fixed;
   uint64_t copied_errors;       /* part of corruptions */
   uint64_t broken_snapshots;    /* snapshots with an invalid L1 table */
@@ -64,7 +67,7 @@ count_refcount_structures (struct pass *p, uint32_t *refs, uint64_t nb)
     const char *bad = NULL;
     if (e & ~REFT_OFFSET_MASK) {
       p->corruptions++;
-      p->rebuild = true;
+      p->rebuild = p->rebuild_only = true;
       report (p, false, "ERROR refcount table entry %llu has reserved bits "
               "set", (unsigned long long) i);
     }
@@ -77,6 +80,7 @@ count_refcount_structures (struct pass *p, uint32_t *refs, uint64_t nb)
     if (bad) {
       p->corruptions++;
       p->rebuild = true;
+      p->rebuild_only |= !Q2_IS_ALIGNED (off, cs);
       report (p, false, "ERROR refcount block %llu %s (offset %#llx)",
               (unsigned long long) i, bad, (unsigned long long) off);
     }
@@ -88,7 +92,7 @@ count_refcount_structures (struct pass *p, uint32_t *refs, uint64_t nb)
     if (off && Q2_IS_ALIGNED (off, cs) && off / cs < nb &&
         refs[off / cs] != 1) {
       p->corruptions++;
-      p->rebuild = true;
+      p->rebuild = p->rebuild_only = true;
       report (p, false, "ERROR refcount block %llu refcount=%u",
               (unsigned long long) i, refs[off / cs]);
     }
@@ -141,6 +145,7 @@ compare_refcounts (struct pass *p, const uint32_t *refs, uint64_t nb)
     }
     else if (rc < refs[c]) {
       p->corruptions++;
+      p->rebuild_only |= rc == 0;
       report (p, false, "ERROR cluster %llu refcount=%llu reference=%u",
               (unsigned long long) c, (unsigned long long) rc, refs[c]);
     }
@@ -440,6 +445,11 @@ check_locked (struct q2_image *img, int mode, struct q2_check_result *res)
       (first.leaks == 0 && first.corruptions == 0 && !dirty))
     return 0;
 
+  if (mode == Q2_REPAIR_LEAKS && first.rebuild_only) {
+    if (res->report)
+      res->report (res->opaque, "ERROR need to rebuild refcount structures");
+    return q2_err (EIO, "%s", strerror (EIO));
+  }
   if ((r = open_for_repair (img)) < 0)
     return r;
   if (mode == Q2_REPAIR_ALL && first.corruptions && first.refs_ok) {
@@ -482,8 +492,13 @@ check_locked (struct q2_image *img, int mode, struct q2_check_result *res)
   }
 
   /* Double check what the repair left; what it could not repair (an
-   * invalid entry no rebuild changes) is not counted as fixed. */
-  if ((r = run_pass (img, res, false, false, &last)) < 0)
+   * invalid entry no rebuild changes) is not counted as fixed.  When
+   * nothing was repaired the first pass stands, and its errors are not
+   * reported twice. */
+  if (!dirty && !res->rebuilt && res->leaks_fixed == 0 &&
+      res->corruptions_fixed == 0)
+    last = first;
+  else if ((r = run_pass (img, res, false, false, &last)) < 0)
     return r;
   set_result (res, &last);
   if (res->rebuilt)

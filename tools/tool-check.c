@@ -197,7 +197,10 @@ cmd_check (int argc, char **argv)
     tool_core_error ("writing the repaired image");
     res.check_errors++;
   }
-  if (json)
+  /* As qemu-img: a check that failed has no summary. */
+  if (r < 0)
+    ;
+  else if (json)
     print_json (&res, path);
   else if (!quiet)
     print_human (&res);
