@@ -12,6 +12,7 @@
 #define BME_FLAG_AUTO (1u << 1)
 #define BME_MAX_NAME_SIZE 1023
 #define DIR_ENTRY_LEN 24
+#define TABLE_CHUNK 65536
 
 struct bitmap_entry {
   uint64_t table_offset;
@@ -95,7 +96,7 @@ entry_clusters (void *opaque, uint32_t i, const struct bitmap_entry *e)
   struct clusters_walk *w = opaque;
   struct q2_image *img = w->img;
   uint64_t toff = e->table_offset, tbytes = (uint64_t) e->table_size * 8, j;
-  uint8_t *table;
+  uint8_t *chunk;
   int r;
 
   if (toff >= img->file_size || tbytes > img->file_size - toff)
@@ -103,16 +104,23 @@ entry_clusters (void *opaque, uint32_t i, const struct bitmap_entry *e)
                    "file", i, (unsigned long long) toff);
   if ((r = w->fn (w->opaque, toff, tbytes, "bitmap table")) < 0)
     return r;
-  table = malloc (tbytes + 8);
-  if (table == NULL)
+  /* In pieces: the table's size comes from the file. */
+  chunk = malloc (TABLE_CHUNK);
+  if (chunk == NULL)
     return q2_err (ENOMEM, "out of memory");
-  r = q2_io_pread (img->fd, table, tbytes, toff, false, "bitmap table");
   for (j = 0; r == 0 && j < e->table_size; j++) {
-    uint64_t off = q2_be64 (table + j * 8) & BITMAP_ENTRY_OFFSET_MASK;
+    uint64_t off;
+    if (j % (TABLE_CHUNK / 8) == 0 &&
+        (r = q2_io_pread (img->fd, chunk,
+                          Q2_MIN (TABLE_CHUNK, tbytes - j * 8), toff + j * 8,
+                          false, "bitmap table")) < 0)
+      break;
+    off = q2_be64 (chunk + (j % (TABLE_CHUNK / 8)) * 8) &
+      BITMAP_ENTRY_OFFSET_MASK;
     if (off)
       r = w->fn (w->opaque, off, img->cluster_size, "bitmap data");
   }
-  free (table);
+  free (chunk);
   return r;
 }
 

@@ -439,9 +439,32 @@ write_tables (int fd, const struct layout *l, uint64_t size, uint8_t *buf)
   return 0;
 }
 
+static bool
+is_block_device (int fd)
+{
+  struct stat st;
+
+  return fstat (fd, &st) == 0 && S_ISBLK (st.st_mode);
+}
+
+/* Sizes a regular file; a block device (as qemu-img's host_device) keeps
+ * its size, which must be enough. */
 static int
 truncate_file (int fd, uint64_t size, const char *what)
 {
+  if (is_block_device (fd)) {
+    off_t end = lseek (fd, 0, SEEK_END);
+    if (end == -1) {
+      int e = errno;
+      return q2_err (e, "%s: cannot get the device size: %s", what,
+                     strerror (e));
+    }
+    if ((uint64_t) end < size)
+      return q2_err (ENOSPC, "%s: the device has %llu bytes, %llu are "
+                     "needed", what, (unsigned long long) end,
+                     (unsigned long long) size);
+    return 0;
+  }
   if (ftruncate (fd, size) == -1) {
     int e = errno;
     return q2_err (e, "truncating %s to %llu bytes: %s", what,
@@ -464,7 +487,8 @@ preallocate_data (int fd, uint64_t start, uint64_t len, const char *what,
 
   if ((r = truncate_file (fd, start + len, what)) < 0)
     return r;
-  if (mode == Q2_PREALLOC_FALLOC && len) {
+  /* A device's blocks exist already. */
+  if (mode == Q2_PREALLOC_FALLOC && len && !is_block_device (fd)) {
     r = posix_fallocate (fd, start, len);
     if (r != 0)
       return q2_err (r, "preallocation=falloc: posix_fallocate of %llu "
@@ -768,25 +792,38 @@ q2_encrypt_info_get (const struct q2_image *img, struct q2_encrypt_info *info)
 struct new_files {
   int fd, dfd;                  /* the image, the external data file */
   char *dpath;                  /* the data file's path, or NULL */
-  /* Made by us: removed if creation fails (so is a file that existed,
-   * once truncated). */
+  /* Made by us: removed if creation fails (so is a regular file that
+   * existed, once truncated; never a device). */
   bool created, dcreated;
 };
 
-/* Opens (creating, not yet truncating) a file of the new image. */
+/* Opens (creating, not yet truncating) a file of the new image: a
+ * regular file or a block device. */
 static int
 open_new_file (const char *path, bool nocow, int *fd, bool *created)
 {
+  struct stat st;
   int attr;
 
   /* Read access too: the lock bytes are read locks. */
   *fd = open (path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   *created = *fd >= 0;
-  if (*fd == -1 && errno == EEXIST)
-    *fd = open (path, O_RDWR | O_CLOEXEC);
+  if (*fd == -1 && errno == EEXIST) {
+    *fd = open (path, O_RDWR | O_CLOEXEC | O_NONBLOCK);
+    /* A dangling symbolic link: create its target. */
+    if (*fd == -1 && errno == ENOENT)
+      *fd = open (path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  }
   if (*fd == -1) {
     int e = errno;
     return q2_err (e, "Could not create '%s': %s", path, strerror (e));
+  }
+  if (fstat (*fd, &st) == -1 || (!S_ISREG (st.st_mode) &&
+                                 !S_ISBLK (st.st_mode))) {
+    close (*fd);
+    *fd = -1;
+    return q2_err (EINVAL, "'%s' is not a regular file or a block device",
+                   path);
   }
   /* As QEMU: on btrfs, no copy-on-write of the file's extents; a file
    * system without the flag just keeps it unset. */
@@ -840,8 +877,8 @@ open_new_files (const char *path, const struct q2_create_opts *o,
   if (r == 0)
     r = q2_lock_image (nf->fd, "", true);
   if (r == 0) {
-    nf->created = true;
-    nf->dcreated = nf->dfd >= 0;
+    nf->created = !is_block_device (nf->fd);
+    nf->dcreated = nf->dfd >= 0 && !is_block_device (nf->dfd);
     r = truncate_file (nf->fd, 0, "the image");
   }
   if (r == 0 && nf->dfd >= 0)
@@ -972,8 +1009,9 @@ q2_create (const char *path, uint64_t size, const struct q2_create_opts *opts)
   r = sync_and_close (fd, "the image", r);
   /* As qemu-img: no half-made image that looks valid is left. */
   if (r < 0) {
-    unlink (path);
-    if (nf.dpath)
+    if (nf.created)
+      unlink (path);
+    if (nf.dcreated)
       unlink (nf.dpath);
   }
  fail_crypto:

@@ -19,7 +19,7 @@ q2_sync (struct q2_image *img)
    * pages and marked them clean: a later fdatasync would succeed
    * without them.  So, as QEMU does, every later sync fails too. */
   if (e)
-    return q2_err (e, "an earlier fdatasync of the image failed: writes "
+    return q2_err (EIO, "an earlier fdatasync of the image failed: writes "
                    "since the last good flush may be lost; flushes keep "
                    "failing until the image is reopened (and checked)");
   r = q2_io_sync (img->fd, "image");

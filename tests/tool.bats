@@ -21,6 +21,7 @@ setup ()
 teardown ()
 {
     stop_nbdkit
+    [ ! -s "$BATS_TEST_TMPDIR/loop" ] || losetup -d "$(cat "$BATS_TEST_TMPDIR/loop")"
 }
 
 # qjson FILE EXPR...: evaluates python expressions on the parsed JSON
@@ -178,7 +179,8 @@ valid_combo ()
     # Accepted and refused as qemu-img parses sizes.
     local sz q t
     for sz in 5KB 1.0000001 0x100 " 5" 1.5 1.5k 1.0001k 0x1k 1e3 5b 5K \
-              5kk 0x10M 0.5 .5k 5. 5.k 1.5e3k 0x1.5k 1.9999999999k +5 0x; do
+              5kk 0x10M 0.5 .5k 5. 5.k 1.5e3k 0x1.5k 1.9999999999k +5 0x \
+              0.50048828125K 1.00048828125K 15.99999999999999999999E; do
         rm -f q.qcow2 t.qcow2
         q="$(qemu-img create -q -f qcow2 q.qcow2 "$sz" 2>/dev/null &&
              qemu-img info --output=json q.qcow2 | qjson /dev/stdin "j['virtual-size']")" || q=refused
@@ -1129,4 +1131,33 @@ open(sys.argv[1], "wb").write(d)' iu.qcow2
     run -2 "$TOOL" check -r leaks a.qcow2
     [ "$(echo "$output" | grep -c "refcount block 1 is outside")" -eq 1 ] ||
         { echo "$output"; return 1; }
+}
+
+@test "tool create: a FIFO is refused and kept, a dangling symlink's target is created, a block device takes a raw data file" {
+    mkfifo fifo
+    run -1 "$TOOL" create -q fifo 1M
+    [[ "$output" == *"not a regular file or a block device"* ]]
+    [ -p fifo ]
+    run -1 "$TOOL" create -q -o data_file=fifo img.qcow2 1M
+    [ -p fifo ] && [ ! -e img.qcow2 ]
+
+    ln -s target.qcow2 link.qcow2
+    "$TOOL" create -q link.qcow2 1M
+    [ -L link.qcow2 ] && [ -f target.qcow2 ]
+    qemu-img check -q target.qcow2
+
+    truncate -s 8M dev.img
+    loop=$(losetup -f --show "$BATS_TEST_TMPDIR/dev.img" 2>/dev/null) ||
+        skip "no loop devices here"
+    echo "$loop" > "$BATS_TEST_TMPDIR/loop"
+    run -1 "$TOOL" create -q -o data_file="$loop",data_file_raw=on small.qcow2 16M
+    [[ "$output" == *"the device has 8388608 bytes"* ]] || { echo "$output"; return 1; }
+    [ -b "$loop" ] && [ ! -e small.qcow2 ]
+    "$TOOL" create -q -o data_file="$loop",data_file_raw=on t.qcow2 8M
+    qemu-img create -q -f qcow2 -o data_file="$loop",data_file_raw=on q.qcow2 8M
+    cmp t.qcow2 q.qcow2
+    head -c 1M /dev/urandom > ref.raw
+    nbdkit -U - "$PLUGIN" file="$PWD/t.qcow2" --run 'nbdcopy ref.raw "$uri"'
+    cmp -n 1048576 "$loop" ref.raw
+    qemu-img check -q t.qcow2
 }

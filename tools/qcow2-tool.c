@@ -63,7 +63,7 @@ parse_size (const char *s, uint64_t *out)
   const char *p;
   char *end, *f;
   double frac = 0;
-  uint64_t whole, mult = 1;
+  uint64_t whole, mult = 1, extra;
   int i;
 
   /* As QEMU's size parser: decimal, or hex after 0x (no fraction);
@@ -91,7 +91,12 @@ parse_size (const char *s, uint64_t *out)
   }
   if (*end || (mult == 1 && frac != 0) || whole > UINT64_MAX / mult)
     return false;
-  *out = whole * mult + (uint64_t) (frac * (double) mult);
+  /* The fraction's bytes round half up, as in QEMU; the sum must not
+   * wrap (15.99999999999999999999E reads a fraction of 1). */
+  extra = (uint64_t) (frac * (double) mult + 0.5);
+  if (whole * mult > UINT64_MAX - extra)
+    return false;
+  *out = whole * mult + extra;
   return true;
 }
 
