@@ -1003,7 +1003,17 @@ open(sys.argv[1], "wb").write(d)' iu.qcow2
     qemu-img create -q -f qcow2 -o lazy_refcounts=on d.qcow2 10M
     qemu-io -c 'write 0 64k' -c abort d.qcow2 > /dev/null 2>&1 || true
     qemu-img info d.qcow2 | grep -q "cleanly shut down: no"
-    for f in v2 l aes e rb top bm iu d; do
+    # A snapshot whose icount has the top bit set: QEMU's is signed.
+    qemu-img create -q -f qcow2 ic.qcow2 1M
+    qemu-img snapshot -c s1 ic.qcow2
+    /usr/bin/python3 -c '
+import struct, sys
+d = bytearray(open(sys.argv[1], "rb").read())
+t = struct.unpack(">Q", d[64:72])[0]                 # snapshot table
+assert struct.unpack(">I", d[t + 36:t + 40])[0] >= 24
+struct.pack_into(">Q", d, t + 40 + 16, (1 << 63) + 5)   # icount
+open(sys.argv[1], "wb").write(d)' ic.qcow2
+    for f in v2 l aes e rb top bm iu d ic; do
         diff <(qemu-img info -U $f.qcow2) <("$TOOL" info -U $f.qcow2) ||
             { echo "text of $f"; return 1; }
         diff <(qemu-img info -U --output=json $f.qcow2) \

@@ -99,8 +99,9 @@ print_snapshot_table (struct q2_image *img)
     format_size (s.vm_state_size, size, sizeof size);
     format_date (s.date_sec, date, sizeof date);
     format_clock (s.vm_clock_nsec, clock, sizeof clock);
+    /* QEMU keeps icount as a signed 64-bit number. */
     if (s.icount != UINT64_MAX)
-      snprintf (icount, sizeof icount, "%" PRIu64, s.icount);
+      snprintf (icount, sizeof icount, "%" PRId64, (int64_t) s.icount);
     printf ("%-9s %-16s %8s%20s%13s%11s\n", s.id, s.name, size, date, clock,
             icount);
   }
@@ -303,7 +304,8 @@ print_json_snapshots (struct q2_image *img, const char *indent)
       continue;
     printf ("%s\n%s        {\n", i ? "," : "", indent);
     if (s.icount != UINT64_MAX)
-      printf ("%s            \"icount\": %" PRIu64 ",\n", indent, s.icount);
+      printf ("%s            \"icount\": %" PRId64 ",\n", indent,
+              (int64_t) s.icount);
     printf ("%s            \"vm-clock-nsec\": %" PRIu64 ",\n", indent,
             s.vm_clock_nsec % 1000000000);
     printf ("%s            \"name\": ", indent);
