@@ -7,7 +7,6 @@
 
 #include "internal.h"
 
-
 struct walk {
   struct q2_image *img;
   uint32_t *refs;

@@ -38,9 +38,9 @@ q2_resolve_name (const char *dir, const char *name)
   return p;
 }
 
+/* Opens a file of a layer, read-only: q2_switch_to_rw reopens it. */
 static int
-open_file (const char *path, bool readonly, const char *what, int *fd,
-           uint64_t *size)
+open_file (const char *path, const char *what, int *fd, uint64_t *size)
 {
   struct stat st;
   off_t end;
@@ -48,7 +48,7 @@ open_file (const char *path, bool readonly, const char *what, int *fd,
 
   /* O_NONBLOCK: a FIFO named by an untrusted image must not block us
    * before the file type check below refuses it. */
-  *fd = open (path, (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK);
+  *fd = open (path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (*fd == -1) {
     int e = errno;
     return q2_err (e, "%s: %s: %s", what, path, strerror (e));
@@ -137,7 +137,7 @@ setup_encryption (struct q2_image *img, const char *password, bool no_key)
   uint8_t *area;
   int r;
 
-  if (h->crypt_method == 0 || (no_key && img->readonly && !password))
+  if (h->crypt_method == 0 || (no_key && !password))
     return 0;
   if (password == NULL)
     return q2_err (ENOKEY, "the image is encrypted (%s): a password is "
@@ -232,14 +232,13 @@ setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
     img->data_path = q2_resolve_name (img->dir, h->data_file);
     if (img->data_path == NULL)
       return q2_err (ENOMEM, "out of memory");
-    r = open_file (img->data_path, img->readonly, "external data file",
-                   &img->data_fd, &img->data_file_size);
+    r = open_file (img->data_path, "external data file", &img->data_fd,
+                   &img->data_file_size);
     if (r < 0)
       return r;
     /* QEMU locks the data file as it locks the image. */
     if (img->locking &&
-        (r = q2_lock_image (img->data_fd, img->data_path,
-                            !img->readonly)) < 0)
+        (r = q2_lock_image (img->data_fd, img->data_path, false)) < 0)
       return r;
   }
   return 0;
@@ -335,8 +334,6 @@ q2_open_layer (const char *path, const char *format,
                const struct q2_open_opts *opts, int depth,
                const char *const *chain, struct q2_image **out)
 {
-  /* Backing files are only ever read. */
-  bool readonly = depth > 0 || opts->readonly;
   struct q2_image *img;
   const char *sub_chain[Q2_MAX_CHAIN_DEPTH + 2];
   char *real, *tmp;
@@ -349,7 +346,9 @@ q2_open_layer (const char *path, const char *format,
   if (img == NULL)
     return q2_err (ENOMEM, "out of memory");
   img->fd = img->data_fd = -1;
-  img->readonly = readonly;
+  /* Every layer opens read-only; q2_make_writable makes the top one
+   * writable (q2_open does that when asked). */
+  img->readonly = true;
   img->depth = depth;
   img->locking = opts->locking;
   pthread_mutex_init (&img->lock, NULL);
@@ -393,7 +392,7 @@ q2_open_layer (const char *path, const char *format,
     goto fail;
   }
 
-  r = open_file (real, readonly, depth ? "backing file" : "image", &img->fd,
+  r = open_file (real, depth ? "backing file" : "image", &img->fd,
                  &img->file_size);
   if (r < 0)
     goto fail;
@@ -402,7 +401,7 @@ q2_open_layer (const char *path, const char *format,
                 real);
     goto fail;
   }
-  if (img->locking && (r = q2_lock_image (img->fd, real, !readonly)) < 0)
+  if (img->locking && (r = q2_lock_image (img->fd, real, false)) < 0)
     goto fail;
   img->data_fd = img->fd;
   img->data_file_size = img->file_size;
@@ -481,15 +480,12 @@ int
 q2_open (const char *path, const struct q2_open_opts *opts,
          struct q2_image **out)
 {
-  struct q2_open_opts ro = *opts;
-  int r;
-
   /* The top of the chain must be qcow2; only backing files may be raw.
-   * Every layer is opened read-only; a writable image then goes through
+   * Every layer opens read-only; a writable image then goes through
    * q2_make_writable, which refuses a corrupt image, repairs a dirty one
    * and arms the caches' write-back. */
-  ro.readonly = true;
-  r = q2_open_layer (path, "qcow2", &ro, 0, NULL, out);
+  int r = q2_open_layer (path, "qcow2", opts, 0, NULL, out);
+
   if (r < 0 || opts->readonly)
     return r;
   if ((r = q2_make_writable (*out)) < 0) {

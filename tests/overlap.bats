@@ -55,6 +55,22 @@ else:
 EOF
 }
 
+# write_reads_back_leaks_only IMG [QEMU-IO-ARGS...]: a 4k write at 1M
+# through the plugin works and reads back in QEMU (with what the extra
+# qemu-io arguments verify too); qemu-img check finds leaks at most.
+write_reads_back_leaks_only ()
+{
+    local img="$1"; shift
+    run -0 nbdkit -U - "$PLUGIN" file="$img" \
+        --run 'qemu-io -f raw "$uri" -c "write -P 0x22 1M 4k" -c flush'
+    [[ "$output" = *"wrote 4096/4096"* ]] || { echo "$output"; return 1; }
+    run -0 qemu-io -r -U "$@" -c 'read -P 0x22 1M 4k' "$img"
+    [[ "$output" != *"verification failed"* ]] || { echo "$output"; return 1; }
+    run qemu-img check "$img"
+    [ "$status" = 0 ] || [ "$status" = 3 ] || { echo "$output"; return 1; }
+    [[ "$output" != *ERROR* ]]
+}
+
 is_corrupt ()
 {
     qemu-img info -U --output=json "$1" |
@@ -206,15 +222,8 @@ d = bytearray(open(sys.argv[1], "rb").read())
 i = d.index(struct.pack(">I", 0x23852875))          # bitmaps extension
 struct.pack_into(">Q", d, i + 8 + 16, int(sys.argv[2]))   # directory offset
 open(sys.argv[1], "wb").write(d)' "$img" "$l2"
-    run -0 nbdkit -U - "$PLUGIN" file="$img" \
-        --run 'qemu-io -f raw "$uri" -c "write -P 0x22 1M 4k" -c flush'
-    [[ "$output" = *"wrote 4096/4096"* ]] || { echo "$output"; return 1; }
-    run -0 qemu-io -r -U -c 'read -P 0x11 0 64k' -c 'read -P 0x22 1M 4k' "$img"
-    [[ "$output" != *"verification failed"* ]] || { echo "$output"; return 1; }
     # The bitmaps' clusters are leaked, never freed: no errors.
-    run qemu-img check "$img"
-    [ "$status" = 0 ] || [ "$status" = 3 ] || { echo "$output"; return 1; }
-    [[ "$output" != *ERROR* ]]
+    write_reads_back_leaks_only "$img" -c 'read -P 0x11 0 64k'
 }
 
 @test "a bitmap directory entry that overruns the directory: check reports it, a write drops the bitmaps, no crash" {
@@ -236,16 +245,9 @@ open(sys.argv[1], "wb").write(d)' "$img"
         { echo "$output"; return 1; }
     run -1 "$TOOL" info "$img"
     [[ "$output" = *"overruns the directory"* ]] || { echo "$output"; return 1; }
-    run -0 nbdkit -U - "$PLUGIN" file="$img" \
-        --run 'qemu-io -f raw "$uri" -c "write -P 0x22 1M 4k" -c flush'
-    [[ "$output" = *"wrote 4096/4096"* ]] || { echo "$output"; return 1; }
-    run -0 qemu-io -r -U -c 'read -P 0x22 1M 4k' "$img"
-    [[ "$output" != *"verification failed"* ]] || { echo "$output"; return 1; }
     # The bitmaps were dropped: QEMU opens the image again; their
     # clusters are leaked, never freed.
-    run qemu-img check "$img"
-    [ "$status" = 0 ] || [ "$status" = 3 ] || { echo "$output"; return 1; }
-    [[ "$output" != *ERROR* ]]
+    write_reads_back_leaks_only "$img"
 }
 
 @test "header fields QEMU refuses: a LUKS extension without LUKS, raw data file without a data file" {

@@ -220,12 +220,18 @@ password_option (struct password_opt *p, int c, const char *arg)
 }
 
 void
+free_secret (char *s)
+{
+  if (s) {
+    explicit_bzero (s, strlen (s));
+    free (s);
+  }
+}
+
+void
 password_free (struct password_opt *p)
 {
-  if (p->buf) {
-    explicit_bzero (p->buf, strlen (p->buf));
-    free (p->buf);
-  }
+  free_secret (p->buf);
   p->buf = NULL;
   p->password = NULL;
 }

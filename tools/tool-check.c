@@ -198,11 +198,9 @@ cmd_check (int argc, char **argv)
     res.check_errors++;
   }
   /* As qemu-img: a check that failed has no summary. */
-  if (r < 0)
-    ;
-  else if (json)
+  if (r == 0 && json)
     print_json (&res, path);
-  else if (!quiet)
+  else if (r == 0 && !quiet)
     print_human (&res);
 
   if (res.check_errors)

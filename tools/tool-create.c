@@ -108,8 +108,7 @@ set_number_option (const char *key, const char *v, uint32_t *out)
 /* Where the password comes from: --password, --password-file or
  * --object secret (selected by encrypt.key-secret). */
 struct secrets {
-  const char *password;
-  char *password_buf;           /* --password-file, malloc'd */
+  struct password_opt pw;       /* --password, --password-file */
   const char *key_secret;       /* -o encrypt.key-secret=ID */
   struct {
     char *id, *data;            /* malloc'd */
@@ -122,16 +121,10 @@ free_secrets (struct secrets *sec)
 {
   int i;
 
-  if (sec->password_buf) {
-    explicit_bzero (sec->password_buf, strlen (sec->password_buf));
-    free (sec->password_buf);
-  }
+  password_free (&sec->pw);
   for (i = 0; i < sec->nb_objects; i++) {
     free (sec->objects[i].id);
-    if (sec->objects[i].data) {
-      explicit_bzero (sec->objects[i].data, strlen (sec->objects[i].data));
-      free (sec->objects[i].data);
-    }
+    free_secret (sec->objects[i].data);
   }
 }
 
@@ -172,10 +165,7 @@ add_object (struct secrets *sec, const char *spec)
       id = strdup (eq + 1);
     }
     else if (strcmp (item, "data") == 0 || strcmp (item, "file") == 0) {
-      if (data) {
-        explicit_bzero (data, strlen (data));
-        free (data);
-      }
+      free_secret (data);
       /* Like QEMU, a secret file is used verbatim. */
       data = item[0] == 'd' ? strdup (eq + 1)
         : read_secret_file (eq + 1, false);
@@ -208,10 +198,7 @@ add_object (struct secrets *sec, const char *spec)
   explicit_bzero (copy, strlen (spec));
   free (copy);
   free (id);
-  if (data) {
-    explicit_bzero (data, strlen (data));
-    free (data);
-  }
+  free_secret (data);
   return r;
 }
 
@@ -262,14 +249,14 @@ resolve_password (struct q2_create_opts *o, struct secrets *sec)
       tool_error ("No secret with id '%s'", sec->key_secret);
       return -1;
     }
-    if (sec->password) {
+    if (sec->pw.password) {
       tool_error ("--password and encrypt.key-secret cannot be used "
                   "together");
       return -1;
     }
   }
-  else if (sec->password)
-    o->password = sec->password;
+  else if (sec->pw.password)
+    o->password = sec->pw.password;
   if (o->password && !is_utf8 (o->password)) {
     tool_error ("the password is not valid UTF-8 (QEMU could not use it)");
     return -1;
@@ -528,17 +515,9 @@ cmd_create (int argc, char **argv)
         goto out;
       break;
     case 'P':
-      sec.password = optarg;
-      break;
     case 'W':
-      if (sec.password_buf) {
-        explicit_bzero (sec.password_buf, strlen (sec.password_buf));
-        free (sec.password_buf);
-      }
-      sec.password_buf = read_secret_file (optarg, true);
-      if (sec.password_buf == NULL)
+      if (password_option (&sec.pw, c, optarg) < 0)
         goto out;
-      sec.password = sec.password_buf;
       break;
     case 'J':
       if (add_object (&sec, optarg) < 0)

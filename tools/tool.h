@@ -53,6 +53,8 @@ struct password_opt {
  * one of them, 0 if not, -1 (reported) on failure. */
 int password_option (struct password_opt *p, int c, const char *arg);
 void password_free (struct password_opt *p);
+/* Wipes and frees a string holding a secret (NULL is fine). */
+void free_secret (char *s);
 /* What to add to a failed read-only open's message: the -U hint when
  * the failure (r) was another process's lock. */
 const char *open_hint (int r);

@@ -127,6 +127,17 @@ def unsynced(cluster):
     return fw > last_sync
 
 
+def check_pointer(kind, desc, target, needs_refcount=True):
+    # what a pointer written now points at must already be durable, and
+    # (but for refcount blocks) counted by a durable refcount
+    checked[kind] += 1
+    c = target >> cbits
+    if unsynced(c):
+        report(f"{desc} {target:#x} whose first write (record {first_write[c]}) is not synced")
+    if needs_refcount and refcount(dur, c) == 0:
+        report(f"{desc} {target:#x} with durable refcount 0")
+
+
 while pos < len(mm):
     magic, typ, f, _, off, ln, extra = HDR.unpack_from(mm, pos)
     d = pos + HDR.size
@@ -144,18 +155,13 @@ while pos < len(mm):
         # L1 table write
         for k, ne in changed_pointers(off, data, old, l1_off,
                                       l1_off + l1_size * 8, MASK):
-            checked["l1"] += 1
-            if unsynced(ne >> cbits):
-                report(f"L1[{k}] -> L2 table {ne:#x} whose first write (record {first_write[ne >> cbits]}) is not synced")
-            if refcount(dur, ne >> cbits) == 0:
-                report(f"L1[{k}] -> L2 table {ne:#x} with durable refcount 0")
+            check_pointer("l1", f"L1[{k}] -> L2 table", ne)
         # refcount table write
         rto, rtc = rt_info(cur)
         for k, ne in changed_pointers(off, data, old, rto, rto + rtc * cs,
                                       ~0x1ff):
-            checked["reftable"] += 1
-            if unsynced(ne >> cbits):
-                report(f"reftable[{k}] -> block {ne:#x} whose first write (record {first_write[ne >> cbits]}) is not synced")
+            check_pointer("reftable", f"reftable[{k}] -> block", ne,
+                          needs_refcount=False)
         # L2 slice write (cluster is a current L2 table)
         c0 = off >> cbits
         if (c0 << cbits) in l2set and ln <= cs:
@@ -168,11 +174,7 @@ while pos < len(mm):
                     continue
                 nh = ne & MASK
                 if nh and nh != (oe & MASK):
-                    checked["l2"] += 1
-                    if unsynced(nh >> cbits):
-                        report(f"L2 entry at {eo:#x} -> data {nh:#x} whose first write (record {first_write[nh >> cbits]}) is not synced")
-                    if refcount(dur, nh >> cbits) == 0:
-                        report(f"L2 entry at {eo:#x} -> data {nh:#x} with durable refcount 0")
+                    check_pointer("l2", f"L2 entry at {eo:#x} -> data", nh)
         # refcount drops to 0 while durable metadata still references it
         rto, rtc = rt_info(cur)
         blocks = set(be64(get(cur, rto + k * 8, 8), 0) & ~0x1ff for k in range(rtc * cs // 8))
