@@ -72,16 +72,16 @@ q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
   for (c = start; c < start + n; c++) {
     uint64_t rt = c >> per_block_log (img);
     if (rt >= img->reftable_entries || img->reftable[rt] == 0) {
-      if ((r = q2_refcount_update (img, c, 1)) < 0)
+      if ((r = q2_refcount_update (img, c, 1, NULL)) < 0)
         return r;
       /* That created the block (elsewhere) and counted c: undo c. */
-      if ((r = q2_refcount_update (img, c, -1)) < 0)
+      if ((r = q2_refcount_update (img, c, -1, NULL)) < 0)
         return r;
       goto retry;
     }
   }
   for (c = start; c < start + n; c++)
-    if ((r = q2_refcount_update (img, c, 1)) < 0)
+    if ((r = q2_refcount_update (img, c, 1, NULL)) < 0)
       return r;
   img->free_hint = first_free == start ? start + n : first_free;
 
@@ -171,15 +171,17 @@ q2_apply_pending_frees (struct q2_image *img)
   qsort (img->pending_free, img->nb_pending_free, sizeof *img->pending_free,
          q2_compare_ranges);
   for (i = 0; i < img->nb_pending_free; i++) {
-    const struct q2_range *f = &img->pending_free[i];
-    uint64_t c, first = f->offset / cs;
-    uint64_t last = (f->offset + f->length - 1) / cs;
-    for (c = first; c <= last; c++) {
-      uint64_t rc;
-      if ((r = q2_refcount_update (img, c, -1)) < 0)
+    struct q2_range *f = &img->pending_free[i];
+    uint64_t end = f->offset + f->length;
+    while (f->length > 0) {
+      uint64_t c = f->offset / cs, rc;
+      if ((r = q2_refcount_update (img, c, -1, &rc)) < 0)
         goto out;
-      if ((r = q2_refcount_get (img, c, &rc)) < 0)
-        goto out;
+      /* Lowered: shrink the entry, so that a failure further on in a
+       * range that spans clusters (a compressed one) never lowers this
+       * cluster a second time when the queue is retried. */
+      f->offset = Q2_MIN ((c + 1) * cs, end);
+      f->length = end - f->offset;
       if (rc == 0) {
         /* Stale cached metadata of a freed L2 table must not be reused. */
         q2_cache_discard (img->l2_cache, c * cs, cs);

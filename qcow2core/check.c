@@ -272,7 +272,7 @@ q2_rebuild_refcounts (struct q2_image *img)
   uint64_t nb, start, entries, table_clusters, k, end, c, i;
   uint64_t *table = NULL;
   uint32_t *refs = NULL;
-  uint8_t *blocks = NULL, hdr[12];
+  uint8_t *blocks = NULL;
   struct refs_array arr;
   int r;
 
@@ -333,9 +333,7 @@ q2_rebuild_refcounts (struct q2_image *img)
   if ((r = q2_fix_copied_flags (img, refcount_from_array, &arr)) < 0 ||
       (r = q2_flush_locked (img)) < 0)
     goto out;
-  img->hdr.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
-  q2_put_be64 (hdr, img->hdr.incompatible_features);
-  r = q2_write_header_field (img, 72, hdr, 8);
+  r = q2_set_dirty (img, false);
 
  out:
   free (refs);

@@ -132,7 +132,7 @@ compare_refcounts (struct pass *p, const uint32_t *refs, uint64_t nb)
       report (p, false, "Leaked cluster %llu refcount=%llu reference=%u",
               (unsigned long long) c, (unsigned long long) rc, refs[c]);
       if (p->fix_leaks) {
-        r = q2_refcount_update (img, c, -(int64_t) (rc - refs[c]));
+        r = q2_refcount_update (img, c, -(int64_t) (rc - refs[c]), NULL);
         if (r < 0)
           return q2_err_prefix (r, "repairing cluster %llu",
                                 (unsigned long long) c);
@@ -407,13 +407,10 @@ static int
 mark_consistent (struct q2_image *img)
 {
   uint64_t clear = QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT;
-  uint8_t b[8];
 
-  if (img->hdr.version < 3 || !(img->hdr.incompatible_features & clear))
+  if (img->hdr.version < 3)
     return 0;
-  img->hdr.incompatible_features &= ~clear;
-  q2_put_be64 (b, img->hdr.incompatible_features);
-  return q2_write_header_field (img, 72, b, 8);
+  return q2_write_incompatible (img, img->hdr.incompatible_features & ~clear);
 }
 
 static void

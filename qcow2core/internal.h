@@ -75,10 +75,10 @@ int q2_io_pwritev (int fd, const struct iovec *iov, int n, uint64_t offset,
                    const char *what);
 int q2_io_sync (int fd, const char *what);
 /* Unit tests only (io.c built with Q2_FAULT_INJECTION): make the
- * write_n-th write or the sync_n-th sync from now fail with EIO (0 =
- * never), and count them. */
-void q2_fault_arm (uint64_t write_n, uint64_t sync_n);
-void q2_fault_counts (uint64_t *writes, uint64_t *syncs);
+ * write_n-th write, the sync_n-th sync or the read_n-th read from now
+ * fail with EIO (0 = never), and count them. */
+void q2_fault_arm (uint64_t write_n, uint64_t sync_n, uint64_t read_n);
+void q2_fault_counts (uint64_t *writes, uint64_t *syncs, uint64_t *reads);
 
 /* ---- lock.c ---- */
 /* Takes QEMU-compatible locks for a reader or a writer and fails with
@@ -514,8 +514,9 @@ void q2_host_status (int fd, uint64_t file_size, uint64_t off, uint64_t len,
 int q2_prealloc_state (struct q2_image *img);
 
 /* ---- alloc.c: refcounts and cluster allocation (io_lock exclusive) ---- */
+/* Adds delta to a refcount; *refcount (may be NULL) gets the new value. */
 int q2_refcount_update (struct q2_image *img, uint64_t cluster_index,
-                        int64_t delta);
+                        int64_t delta, uint64_t *refcount);
 /* Allocates n contiguous clusters; returns the host offset, and whether
  * they lie past the old end of the file (so already read as zeros). */
 int q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
@@ -620,5 +621,7 @@ int q2_write_header_field (struct q2_image *img, uint64_t offset,
                            const void *data, size_t len);
 /* Sets or clears the dirty bit on disk, synced (v3 only). */
 int q2_set_dirty (struct q2_image *img, bool dirty);
+/* Writes the incompatible feature bits (offset 72, v3 only). */
+int q2_write_incompatible (struct q2_image *img, uint64_t features);
 
 #endif /* QCOW2CORE_INTERNAL_H */

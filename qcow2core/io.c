@@ -10,6 +10,54 @@
 
 #include "internal.h"
 
+#ifdef Q2_FAULT_INJECTION
+/* Fault injection, compiled only into the unit tests' copy of this
+ * file: fail the N-th write, sync or read from now on (0 = never). */
+enum { F_WRITE, F_SYNC, F_READ, NR_F };
+static uint64_t fail_at[NR_F], nr_calls[NR_F];
+static pthread_mutex_t fault_lock = PTHREAD_MUTEX_INITIALIZER;
+/* Until a test calls q2_fault_arm (even with 0, 0, 0, to count), a
+ * call pays one load and no lock. */
+static bool armed;
+
+void
+q2_fault_arm (uint64_t write_n, uint64_t sync_n, uint64_t read_n)
+{
+  pthread_mutex_lock (&fault_lock);
+  fail_at[F_WRITE] = write_n;
+  fail_at[F_SYNC] = sync_n;
+  fail_at[F_READ] = read_n;
+  memset (nr_calls, 0, sizeof nr_calls);
+  __atomic_store_n (&armed, true, __ATOMIC_RELEASE);
+  pthread_mutex_unlock (&fault_lock);
+}
+
+void
+q2_fault_counts (uint64_t *writes, uint64_t *syncs, uint64_t *reads)
+{
+  pthread_mutex_lock (&fault_lock);
+  *writes = nr_calls[F_WRITE];
+  *syncs = nr_calls[F_SYNC];
+  *reads = nr_calls[F_READ];
+  pthread_mutex_unlock (&fault_lock);
+}
+
+static bool
+fault (int kind)
+{
+  bool hit;
+
+  if (!__atomic_load_n (&armed, __ATOMIC_ACQUIRE))
+    return false;
+  pthread_mutex_lock (&fault_lock);
+  hit = ++nr_calls[kind] == fail_at[kind];
+  pthread_mutex_unlock (&fault_lock);
+  return hit;
+}
+#else
+#define fault(kind) false
+#endif
+
 int
 q2_io_pread (int fd, void *buf, size_t count, uint64_t offset,
              bool zero_past_eof, const char *what)
@@ -19,6 +67,9 @@ q2_io_pread (int fd, void *buf, size_t count, uint64_t offset,
   if (offset > INT64_MAX || count > INT64_MAX - offset)
     return q2_err (EIO, "%s: offset %#llx is out of range",
                    what, (unsigned long long) offset);
+  if (fault (F_READ))
+    return q2_err (EIO, "%s: injected read failure at offset %#llx", what,
+                   (unsigned long long) offset);
   while (count > 0) {
     ssize_t r = pread (fd, p, count, offset);
     if (r == -1) {
@@ -43,59 +94,11 @@ q2_io_pread (int fd, void *buf, size_t count, uint64_t offset,
   return 0;
 }
 
-#ifdef Q2_FAULT_INJECTION
-/* Fault injection, compiled only into the unit tests' copy of this
- * file: fail the N-th write or sync from now on (0 = never). */
-static uint64_t fail_write_at, fail_sync_at;
-static uint64_t nr_writes, nr_syncs;
-static pthread_mutex_t fault_lock = PTHREAD_MUTEX_INITIALIZER;
-/* Until a test calls q2_fault_arm (even with 0, 0, to count), a write
- * or sync pays one load and no lock. */
-static bool armed;
-
-void
-q2_fault_arm (uint64_t write_n, uint64_t sync_n)
-{
-  pthread_mutex_lock (&fault_lock);
-  fail_write_at = write_n;
-  fail_sync_at = sync_n;
-  nr_writes = nr_syncs = 0;
-  __atomic_store_n (&armed, true, __ATOMIC_RELEASE);
-  pthread_mutex_unlock (&fault_lock);
-}
-
-void
-q2_fault_counts (uint64_t *writes, uint64_t *syncs)
-{
-  pthread_mutex_lock (&fault_lock);
-  *writes = nr_writes;
-  *syncs = nr_syncs;
-  pthread_mutex_unlock (&fault_lock);
-}
-
-static bool
-fault (bool sync)
-{
-  bool hit;
-
-  if (!__atomic_load_n (&armed, __ATOMIC_ACQUIRE))
-    return false;
-  pthread_mutex_lock (&fault_lock);
-  if (sync)
-    hit = ++nr_syncs == fail_sync_at;
-  else
-    hit = ++nr_writes == fail_write_at;
-  pthread_mutex_unlock (&fault_lock);
-  return hit;
-}
-#else
-#define fault(sync) false
-#endif
 
 int
 q2_io_sync (int fd, const char *what)
 {
-  if (fault (true))
+  if (fault (F_SYNC))
     return q2_err (EIO, "%s: injected sync failure", what);
   if (fdatasync (fd) == -1) {
     int e = errno;
@@ -114,7 +117,7 @@ q2_io_pwritev (int fd, const struct iovec *iov, int n, uint64_t offset,
 
   for (i = 0; i < n; i++)
     total += iov[i].iov_len;
-  if (fault (false))
+  if (fault (F_WRITE))
     return q2_err (EIO, "%s: injected write failure at offset %#llx", what,
                    (unsigned long long) offset);
   w = pwritev (fd, iov, n, offset);
@@ -137,7 +140,7 @@ q2_io_splice_out (int pipe_fd, int fd, uint64_t count, uint64_t offset,
   loff_t o = offset;
   uint64_t done = 0;
 
-  if (fault (false))
+  if (fault (F_WRITE))
     return q2_err (EIO, "%s: injected write failure at offset %#llx", what,
                    (unsigned long long) offset);
   while (done < count) {
@@ -164,7 +167,7 @@ q2_io_pwrite (int fd, const void *buf, size_t count, uint64_t offset,
 {
   const uint8_t *p = buf;
 
-  if (fault (false))
+  if (fault (F_WRITE))
     return q2_err (EIO, "%s: injected write failure at offset %#llx", what,
                    (unsigned long long) offset);
 

@@ -60,32 +60,41 @@ q2_mark_corrupt (struct q2_image *img, const char *fmt, ...)
   va_start (ap, fmt);
   vsnprintf (msg, sizeof msg, fmt, ap);
   va_end (ap);
-  if (!img->corrupt && !img->readonly && img->hdr.version >= 3) {
-    uint8_t b[8];
-    img->hdr.incompatible_features |= QCOW2_INCOMPAT_CORRUPT;
-    q2_put_be64 (b, img->hdr.incompatible_features);
-    /* Best effort: the request fails with EIO either way. */
-    q2_write_header_field (img, 72, b, 8);
-  }
+  /* Best effort: the request fails with EIO either way. */
+  if (!img->corrupt && !img->readonly && img->hdr.version >= 3)
+    q2_write_incompatible (img, img->hdr.incompatible_features |
+                           QCOW2_INCOMPAT_CORRUPT);
   img->corrupt = true;
   return q2_err (EIO, "%s; the image is now marked corrupt and further "
                  "writes are refused", msg);
 }
 
+/* Memory follows the disk only once the write succeeded, so that a
+ * retry after a failed write writes the bits again. */
+int
+q2_write_incompatible (struct q2_image *img, uint64_t features)
+{
+  uint8_t b[8];
+  int r;
+
+  if (features == img->hdr.incompatible_features)
+    return 0;
+  q2_put_be64 (b, features);
+  r = q2_write_header_field (img, 72, b, 8);
+  if (r == 0)
+    img->hdr.incompatible_features = features;
+  return r;
+}
+
 int
 q2_set_dirty (struct q2_image *img, bool dirty)
 {
-  uint8_t b[8];
   uint64_t f = img->hdr.incompatible_features;
 
   if (img->hdr.version < 3)
     return 0;                   /* v2 has no dirty bit */
   f = dirty ? f | QCOW2_INCOMPAT_DIRTY : f & ~QCOW2_INCOMPAT_DIRTY;
-  if (f == img->hdr.incompatible_features)
-    return 0;
-  q2_put_be64 (b, f);
-  img->hdr.incompatible_features = f;
-  return q2_write_header_field (img, 72, b, 8);
+  return q2_write_incompatible (img, f);
 }
 
 static bool
@@ -404,10 +413,12 @@ prepare (struct q2_image *img, bool data_changes)
     if (data_changes && bitmaps &&
         (r = collect_bitmap_clusters (img, &l)) < 0)
       goto out;
-    img->hdr.autoclear_features &= keep;
-    q2_put_be64 (b, img->hdr.autoclear_features);
+    /* Memory follows the disk only once the write succeeded: a retry
+     * after a failure must clear the bits again. */
+    q2_put_be64 (b, img->hdr.autoclear_features & keep);
     if ((r = q2_write_header_field (img, 88, b, 8)) < 0)
       goto out;
+    img->hdr.autoclear_features &= keep;
     if (data_changes && bitmaps) {
       if ((r = drop_bitmaps_extension (img)) < 0)
         goto out;

@@ -124,6 +124,7 @@ create_refblock (struct q2_image *img, uint64_t rt_index, uint64_t avoid)
   uint64_t first = rt_index << per_block_log (img);
   uint64_t last = first + (1ULL << per_block_log (img)) - 1;
   uint64_t loc = Q2_MAX (first, img->free_hint);
+  uint64_t used = img->reftable_used;
   uint8_t *slice;
   uint64_t i, off;
   int r;
@@ -151,9 +152,14 @@ create_refblock (struct q2_image *img, uint64_t rt_index, uint64_t avoid)
   q2_meta_index_update (img, 0, loc << img->cluster_bits, true);
   img->reftable_dirty = true;
   img->reftable_used = Q2_MAX (img->reftable_used, rt_index + 1);
-  /* The block counts itself. */
-  if ((r = locate (img, loc, &slice, &i, &off)) < 0)
+  /* The block counts itself.  If it cannot be read back, unlink it: a
+   * block that does not count itself would hand its own cluster out. */
+  if ((r = locate (img, loc, &slice, &i, &off)) < 0) {
+    img->reftable[rt_index] = 0;
+    q2_meta_index_update (img, loc << img->cluster_bits, 0, true);
+    img->reftable_used = used;
     return r;
+  }
   set_refblock_entry (slice, img->hdr.refcount_order, i, 1);
   q2_cache_mark_dirty (img->rb_cache, off);
   return 0;
@@ -161,7 +167,7 @@ create_refblock (struct q2_image *img, uint64_t rt_index, uint64_t avoid)
 
 int
 q2_refcount_update (struct q2_image *img, uint64_t cluster_index,
-                    int64_t delta)
+                    int64_t delta, uint64_t *refcount)
 {
   uint8_t *slice;
   uint64_t i, off, old, v;
@@ -199,6 +205,8 @@ q2_refcount_update (struct q2_image *img, uint64_t cluster_index,
   q2_cache_mark_dirty (img->rb_cache, off);
   if (v == 0 && cluster_index < img->free_hint)
     img->free_hint = cluster_index;
+  if (refcount)
+    *refcount = v;
   return 0;
 }
 
@@ -328,7 +336,7 @@ grow_reftable (struct q2_image *img, uint64_t need_rt)
   for (c = start; c < end; c++) {
     rt = c >> pbl;
     if (rt < img->reftable_entries && img->reftable[rt] != 0) {
-      if ((r = q2_refcount_update (img, c, 1)) < 0)
+      if ((r = q2_refcount_update (img, c, 1, NULL)) < 0)
         goto out;
     }
     else {

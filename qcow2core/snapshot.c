@@ -413,7 +413,7 @@ add_reference (struct q2_image *img, uint64_t first, uint64_t last,
   int r = 0;
 
   for (c = first; r == 0 && c <= last; c++)
-    r = q2_refcount_update (img, c, 1);
+    r = q2_refcount_update (img, c, 1, NULL);
   return r;
 }
 

@@ -505,6 +505,30 @@ same_check_status ()
     [[ "$output" != *fail* ]]
 }
 
+@test "tool check: -r all rebuilds a v2 image's refcounts and leaves its header extensions alone" {
+    # v2 has no feature bits: the header ends at 72, where the backing
+    # format extension starts.  The rebuild used to clear a dirty bit
+    # there, wiping the extension's type and length.
+    qemu-img create -q -f raw base.raw 4M
+    qemu-img create -q -f qcow2 -o compat=0.10 -b base.raw -F raw a.qcow2 4M
+    qemu-io -c "write -P 0x55 0 128k" a.qcow2 > /dev/null
+    local ext rt
+    ext="$(od -An -tx1 -j 72 -N 16 a.qcow2)"
+    rt="$(read_be a.qcow2 48 Q)"
+    # The first data cluster's refcount (16-bit, block at cluster 2) -> 0.
+    patch a.qcow2 $((0x20000 + 2 * 5)) H 0
+    run -2 qemu-img check a.qcow2
+    run -0 "$TOOL" check -r all a.qcow2
+    [[ "$output" == *"Rebuilding refcount structure"* ]]
+    [ "$(read_be a.qcow2 48 Q)" != "$rt" ]
+    [ "$(od -An -tx1 -j 72 -N 16 a.qcow2)" = "$ext" ]
+    qemu-img check a.qcow2
+    run -0 qemu-img info --output=json a.qcow2
+    [[ "$output" == *'"backing-filename-format": "raw"'* ]]
+    run qemu-io -c "read -P 0x55 0 128k" a.qcow2
+    [[ "$output" != *fail* ]]
+}
+
 @test "tool check: COPIED cleared on an owned cluster; -r all" {
     make_damage_base a.qcow2
     # L2 entry 0 (at cluster 4) loses COPIED.
