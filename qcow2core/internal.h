@@ -260,6 +260,7 @@ struct q2_image {
   uint32_t cluster_bits;
   uint64_t cluster_size;
   bool extended_l2;
+  bool external_data;           /* guest data lives in data_fd */
   uint32_t l2_entry_size;       /* 8 or 16 */
   uint32_t l2_bits;             /* log2 (entries per L2 table) */
   uint32_t subcluster_bits;     /* log2 (subcluster size) */
@@ -300,7 +301,8 @@ struct q2_image {
    * in-place writes, exclusive for anything that changes metadata, so
    * metadata writers never race with each other or with readers. */
   pthread_rwlock_t io_lock;
-  bool corrupt;                 /* set: refuse every further write */
+  /* Set: refuse every further write (atomic where io_lock is shared). */
+  bool corrupt;
   /* errno of a failed fdatasync: every later sync fails (atomic). */
   int sync_error;
   /* Opened for check with the refcount table past the end of the file:

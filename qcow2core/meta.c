@@ -60,11 +60,13 @@ q2_mark_corrupt (struct q2_image *img, const char *fmt, ...)
   va_start (ap, fmt);
   vsnprintf (msg, sizeof msg, fmt, ap);
   va_end (ap);
-  /* Best effort: the request fails with EIO either way. */
-  if (!img->corrupt && !img->readonly && img->hdr.version >= 3)
+  /* In-place writes find corruption under the shared io_lock, so several
+   * threads may get here at once: the first one marks the header.  Best
+   * effort: the request fails with EIO either way. */
+  if (!__atomic_exchange_n (&img->corrupt, true, __ATOMIC_ACQ_REL) &&
+      !img->readonly && img->hdr.version >= 3)
     q2_write_incompatible (img, img->hdr.incompatible_features |
                            QCOW2_INCOMPAT_CORRUPT);
-  img->corrupt = true;
   return q2_err (EIO, "%s; the image is now marked corrupt and further "
                  "writes are refused", msg);
 }

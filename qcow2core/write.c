@@ -649,8 +649,8 @@ write_in_place (struct q2_image *img, const uint8_t *buf, uint64_t count,
   *done = 0;
   /* Encrypted sectors need read-modify-write, and a stale overlap
    * index a rebuild: both take the exclusive path. */
-  if (img->readonly || img->corrupt || !img->header_touched || img->crypto ||
-      img->meta_stale)
+  if (img->readonly || __atomic_load_n (&img->corrupt, __ATOMIC_ACQUIRE) ||
+      !img->header_touched || img->crypto || img->meta_stale)
     return 0;
   while (count > 0) {
     struct q2_map m;
