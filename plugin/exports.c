@@ -1,6 +1,8 @@
 /* Internal snapshots as exports: each one is a separate read-only view
- * of the image (its own L1 and caches), opened on first use and shared
- * by every connection to that export.  Writes to the active image never
+ * of the image (its own L1 and caches), opened by the first connection
+ * to that export, shared by the others and closed with the last one, so
+ * that listing thousands of snapshots does not keep thousands open.
+ * Writes to the active image never
  * touch a snapshot's clusters (they are shared, so written by
  * copy-on-write), so the views stay valid while the image is written. */
 #include <errno.h>
@@ -17,8 +19,13 @@
 
 #include "plugin.h"
 
+struct view {
+  struct q2_image *img;                 /* NULL: not open */
+  unsigned users;                       /* connections using it */
+};
+
 static pthread_mutex_t views_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct q2_image **views;         /* by snapshot index */
+static struct view *views;              /* by snapshot index */
 static int nb_views;
 
 /* The export name of each snapshot (NULL: not exported), computed once
@@ -149,11 +156,12 @@ open_view (int index)
 }
 
 struct q2_image *
-exports_image_for (const char *name, bool *readonly)
+exports_image_for (const char *name, bool *readonly, int *view)
 {
   struct q2_image *v;
   int i;
 
+  *view = -1;
   /* snapshot= replaces the active image as the default export, found
    * the way QEMU finds it (ID first).  Other export names are untrusted:
    * only exact snapshot names or IDs. */
@@ -175,7 +183,7 @@ exports_image_for (const char *name, bool *readonly)
   *readonly = true;
   pthread_mutex_lock (&views_lock);
   if (i >= nb_views) {
-    struct q2_image **n = realloc (views, (i + 1) * sizeof *n);
+    struct view *n = realloc (views, (i + 1) * sizeof *n);
     if (n == NULL) {
       pthread_mutex_unlock (&views_lock);
       nbdkit_error ("realloc: %m");
@@ -185,11 +193,32 @@ exports_image_for (const char *name, bool *readonly)
     views = n;
     nb_views = i + 1;
   }
-  if (views[i] == NULL)
-    views[i] = open_view (i);
-  v = views[i];
+  if (views[i].img == NULL)
+    views[i].img = open_view (i);
+  v = views[i].img;
+  if (v) {
+    views[i].users++;
+    *view = i;
+  }
   pthread_mutex_unlock (&views_lock);
   return v;
+}
+
+void
+exports_release (int view)
+{
+  struct q2_image *v = NULL;
+
+  if (view < 0)
+    return;                     /* the active image */
+  pthread_mutex_lock (&views_lock);
+  if (view < nb_views && views[view].users > 0 &&
+      --views[view].users == 0) {
+    v = views[view].img;
+    views[view].img = NULL;
+  }
+  pthread_mutex_unlock (&views_lock);
+  q2_close (v);
 }
 
 int
@@ -230,8 +259,7 @@ exports_close_all (void)
   int i;
 
   for (i = 0; i < nb_views; i++)
-    if (views[i])
-      q2_close (views[i]);
+    q2_close (views[i].img);
   free (views);
   views = NULL;
   nb_views = 0;

@@ -13,8 +13,11 @@ extern struct q2_open_opts open_opts;
 
 /* exports.c: internal snapshots served as read-only exports. */
 /* The image a client asking for export 'name' gets, or NULL (with an
- * nbdkit error) when the name is neither "" nor a snapshot. */
-struct q2_image *exports_image_for (const char *name, bool *readonly);
+ * nbdkit error) when the name is neither "" nor a snapshot.  *view is
+ * what the connection hands to exports_release when it closes. */
+struct q2_image *exports_image_for (const char *name, bool *readonly,
+                                    int *view);
+void exports_release (int view);
 int exports_list (struct nbdkit_exports *exports);
 void exports_close_all (void);
 

@@ -179,6 +179,7 @@ qcow2_default_export (int readonly, int is_tls)
 struct handle {
   struct q2_image *img;
   bool readonly;
+  int view;                     /* for exports_release */
 };
 
 /* The image is opened read-only in get_ready (nbdkit -r is not known
@@ -197,7 +198,7 @@ qcow2_open (int readonly)
   h->readonly = readonly;
   {
     const char *name = nbdkit_export_name ();
-    h->img = exports_image_for (name ? name : "", &h->readonly);
+    h->img = exports_image_for (name ? name : "", &h->readonly, &h->view);
     if (h->img == NULL) {
       free (h);
       return NULL;
@@ -226,7 +227,10 @@ qcow2_open (int readonly)
 static void
 qcow2_close (void *handle)
 {
-  free (handle);
+  struct handle *h = handle;
+
+  exports_release (h->view);
+  free (h);
 }
 
 /* Reports a core failure to nbdkit and the client. */

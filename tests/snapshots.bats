@@ -34,6 +34,38 @@ sock_uri () { echo "nbd+unix:///$1?socket=$sock"; }
     [[ "$output" =~ 'snapshot ID 2' ]]
 }
 
+@test "snapshots: a snapshot's view is closed with its last connection (listing 40 snapshots keeps none open)" {
+    for i in $(seq 3 40); do qemu-img snapshot -c "s$i" "$img"; done
+    start_nbdkit "$PLUGIN" "$img"
+    local pid fds
+    pid="$(cat "$pidfile")"
+    fds="$(ls /proc/"$pid"/fd | wc -l)"
+    # fds_settle: nbdkit closes a connection just after the client goes.
+    fds_settle () {
+        for _ in $(seq 1 100); do
+            [ "$(ls /proc/"$pid"/fd | wc -l)" -le $((fds + 1)) ] && return 0
+            sleep 0.05
+        done
+        ls -l /proc/"$pid"/fd >&3; return 1
+    }
+    run -0 nbdinfo --list "$uri"
+    [ "$(grep -c '^export=' <<< "$output")" = 41 ]
+    # Each listed export was opened for its details and closed again.
+    fds_settle
+    # Two connections share a view; it stays usable until the last closes.
+    PATH=/usr/bin:$PATH nbdsh -c "
+a = nbd.NBD(); a.connect_uri('$(sock_uri first)')
+b = nbd.NBD(); b.connect_uri('$(sock_uri first)')
+assert a.pread(4096, 0) == b'\x01' * 4096
+a.shutdown(); del a
+assert b.pread(4096, 0) == b'\x01' * 4096
+b.shutdown()
+"
+    fds_settle
+    run -0 nbdcopy "$(sock_uri s40)" "$BATS_TEST_TMPDIR/s40.raw"
+    cmp "$BATS_TEST_TMPDIR/s40.raw" "$BATS_TEST_TMPDIR/active.raw"
+}
+
 @test "snapshots: exports by name and by ID read as QEMU reads the snapshot" {
     start_nbdkit "$PLUGIN" "$img"
     for e in first:first 1:first second:second 2:second; do
