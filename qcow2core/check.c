@@ -216,7 +216,7 @@ q2_fix_copied_flags (struct q2_image *img, q2_refcount_fn refcount,
     want = rc == 1 ? QCOW_OFLAG_COPIED : 0;
     if ((img->l1[i] & QCOW_OFLAG_COPIED) != want) {
       img->l1[i] = (img->l1[i] & ~QCOW_OFLAG_COPIED) | want;
-      img->l1_dirty = true;
+      q2_l1_mark_dirty (img, i, i + 1);
     }
     /* Entries of shared tables are fixed too: QEMU checks every entry
      * reachable from the active L1. */

@@ -309,7 +309,10 @@ struct q2_image {
    * every refcount reads 0 until q2_rebuild_refcounts. */
   bool refcounts_lost;
   bool header_touched;          /* autoclear bits cleared already */
-  bool l1_dirty, reftable_dirty;
+  /* L1 entries [l1_dirty_lo, l1_dirty_hi) changed since the last flush
+   * (q2_l1_mark_dirty). */
+  uint64_t l1_dirty_lo, l1_dirty_hi;
+  bool reftable_dirty;
   /* What was written since the last ordered sync (Q2_UNSYNCED_*): each
    * must be on disk before whatever points at it is written. */
   unsigned unsynced;
@@ -619,6 +622,8 @@ int q2_prepare_write (struct q2_image *img);
  * persistent bitmaps are kept. */
 int q2_prepare_meta_write (struct q2_image *img);
 int q2_flush_locked (struct q2_image *img);
+/* L1 entries [lo, hi) changed: the next flush writes their sectors. */
+void q2_l1_mark_dirty (struct q2_image *img, uint64_t lo, uint64_t hi);
 int q2_write_header_field (struct q2_image *img, uint64_t offset,
                            const void *data, size_t len);
 /* Sets or clears the dirty bit on disk, synced (v3 only). */

@@ -454,18 +454,37 @@ q2_prepare_meta_write (struct q2_image *img)
   return prepare (img, false);
 }
 
+void
+q2_l1_mark_dirty (struct q2_image *img, uint64_t lo, uint64_t hi)
+{
+  if (img->l1_dirty_lo >= img->l1_dirty_hi) {
+    img->l1_dirty_lo = lo;
+    img->l1_dirty_hi = hi;
+  }
+  else {
+    img->l1_dirty_lo = Q2_MIN (img->l1_dirty_lo, lo);
+    img->l1_dirty_hi = Q2_MAX (img->l1_dirty_hi, hi);
+  }
+}
+
+/* Writes the 512-byte sectors of the L1 table that hold changed
+ * entries: a new L2 table in a huge image must not rewrite megabytes. */
 static int
 write_l1 (struct q2_image *img)
 {
-  uint64_t bytes = (uint64_t) img->l1_size * 8, i;
-  uint8_t *buf = malloc (bytes ? bytes : 1);
+  uint64_t lo = Q2_ROUND_DOWN (img->l1_dirty_lo, 64);
+  uint64_t hi = Q2_MIN (Q2_ROUND_UP (img->l1_dirty_hi, 64), img->l1_size);
+  uint64_t bytes = (hi - lo) * 8, i;
+  uint8_t *buf;
   int r;
 
-  if (buf == NULL)
+  if (lo >= hi)
+    return 0;
+  if ((buf = malloc (bytes)) == NULL)
     return q2_err (ENOMEM, "out of memory writing the L1 table");
-  for (i = 0; i < img->l1_size; i++)
-    q2_put_be64 (buf + i * 8, img->l1[i]);
-  r = q2_io_pwrite (img->fd, buf, bytes, img->hdr.l1_table_offset,
+  for (i = lo; i < hi; i++)
+    q2_put_be64 (buf + (i - lo) * 8, img->l1[i]);
+  r = q2_io_pwrite (img->fd, buf, bytes, img->hdr.l1_table_offset + lo * 8,
                     "L1 table");
   free (buf);
   return r;
@@ -513,14 +532,14 @@ q2_flush_locked (struct q2_image *img)
   if (q2_cache_has_dirty (img->l2_cache) &&
       (r = q2_cache_flush (img->l2_cache)) < 0)
     return r;
-  if (img->l1_dirty) {
+  if (img->l1_dirty_lo < img->l1_dirty_hi) {
     /* New L2 tables, whether still cached a moment ago or written back
      * (or created) earlier, and their refcounts come first. */
     if (img->unsynced && (r = q2_sync_ordered (img)) < 0)
       return r;
     if ((r = write_l1 (img)) < 0)
       return r;
-    img->l1_dirty = false;
+    img->l1_dirty_lo = img->l1_dirty_hi = 0;
   }
   if (img->nb_pending_free) {
     if ((r = q2_sync_ordered (img)) < 0)

@@ -781,7 +781,7 @@ grow_l1 (struct q2_image *img, uint32_t new_size)
   img->meta_stale = true;
   img->hdr.l1_table_offset = off;
   img->hdr.l1_size = new_size;
-  img->l1_dirty = true;
+  q2_l1_mark_dirty (img, 0, img->l1_size);
   if ((r = q2_flush_locked (img)) < 0)
     return r;
   /* Size and offset in one write: a crash must not pair them wrongly. */
@@ -822,7 +822,7 @@ apply_locked (struct q2_image *img, const char *name_or_id)
   for (i = 0; i < img->l1_size; i++)
     img->l1[i] = i < s->l1_size ? sl1[i] & ~QCOW_OFLAG_COPIED : 0;
   img->meta_stale = true;
-  img->l1_dirty = true;
+  q2_l1_mark_dirty (img, 0, img->l1_size);
   q2_cache_discard (img->l2_cache, 0, UINT64_MAX);
   if ((r = q2_flush_locked (img)) < 0) {
     free (old);

@@ -69,7 +69,7 @@ q2_l2_table_for_write (struct q2_image *img, uint64_t guest_offset,
   /* The L1 entry reaches the disk at flush, after the table is synced. */
   img->l1[l1_index] = t | QCOW_OFLAG_COPIED;
   q2_meta_index_update (img, old, t, false);
-  img->l1_dirty = true;
+  q2_l1_mark_dirty (img, l1_index, l1_index + 1);
   if (old && (r = q2_free_later (img, old, img->cluster_size)) < 0)
     return r;
   *l2_offset = t;

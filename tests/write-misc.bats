@@ -680,3 +680,26 @@ h.flush()'
             -c 'read -P 0x11 4194704 65136' -c 'read -P 0 4259840 3968k'
     done
 }
+
+@test "(v) a flush after a new L2 table writes the L1 sectors that changed, not the whole L1 table" {
+    # 1 PiB with 64k clusters: a 16 MiB L1 table.  Each write lands in a
+    # new 512 MiB region (a new L2 table) and is flushed.
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 "$img" 1P
+    start_nbdkit "$PLUGIN" file="$img"
+    local pid before after
+    pid="$(cat "$pidfile")"
+    before="$(awk '/^wchar/ { print $2 }' /proc/"$pid"/io)"
+    nbdsh -u "$uri" -c '
+for i in range(20):
+    h.pwrite(b"\x5a" * 4096, i * (3 << 40) // 20 + (i << 29))
+    h.flush()'
+    after="$(awk '/^wchar/ { print $2 }' /proc/"$pid"/io)"
+    stop_nbdkit
+    echo "# bytes written by nbdkit: $((after - before))" >&3
+    # 20 flushes of the whole table would be 320 MiB.
+    [ $((after - before)) -lt $((8 << 20)) ]
+    qcheck "$img"
+    qio "$img" -c "read -P 0x5a $(( 3 * (3 << 40) / 20 + (3 << 29) )) 4k" \
+        -c "read -P 0x5a 0 4k" -c "read -P 0 4k 60k"
+}
