@@ -287,19 +287,35 @@ q2_cache_flush (struct q2_cache *c)
   return 0;
 }
 
+static void
+discard_slot (struct q2_cache *c, uint32_t i)
+{
+  hash_remove (c, i);
+  c->slots[i].valid = false;
+  c->slots[i].dirty = false;
+  lru_unlink (c, i);
+  lru_push_back (c, i);
+}
+
 void
 q2_cache_discard (struct q2_cache *c, uint64_t offset, uint64_t length)
 {
+  uint64_t k, end = offset + length;
   uint32_t i;
 
+  /* A short range (a freed cluster, a new table) is looked up slice by
+   * slice, since keys are slice-aligned: scanning every slot of a big
+   * cache per freed cluster made trims crawl.  A long one is scanned. */
+  if (length / c->slice_size < c->nb_slots && end > offset) {
+    for (k = Q2_ROUND_UP (offset, c->slice_size); k < end;
+         k += c->slice_size)
+      if ((i = lookup (c, k)) != NIL)
+        discard_slot (c, i);
+    return;
+  }
   for (i = 0; i < c->nb_slots; i++) {
     struct slot *s = &c->slots[i];
-    if (s->valid && s->key >= offset && s->key - offset < length) {
-      hash_remove (c, i);
-      s->valid = false;
-      s->dirty = false;
-      lru_unlink (c, i);
-      lru_push_back (c, i);
-    }
+    if (s->valid && s->key >= offset && s->key - offset < length)
+      discard_slot (c, i);
   }
 }
