@@ -145,13 +145,19 @@ index_has (const struct q2_image *img, uint64_t key)
 int
 q2_meta_index_refresh (struct q2_image *img)
 {
-  uint64_t *t, i;
+  uint64_t *t, i, n = 16;
   size_t size = 64;
 
   if (!img->meta_stale && img->meta_index)
     return 0;
-  /* At most half full, with room to grow by incremental updates. */
-  while (size < 4 * (img->l1_size + img->reftable_used + 16))
+  /* At most half full, with room to grow by incremental updates.  Sized
+   * by the tables that exist, not by the L1 size: 128 GiB with 512-byte
+   * clusters has a 4M-entry L1 and perhaps a handful of L2 tables. */
+  for (i = 0; i < img->l1_size; i++)
+    n += (img->l1[i] & L1E_OFFSET_MASK) != 0;
+  for (i = 0; i < img->reftable_used; i++)
+    n += (img->reftable[i] & REFT_OFFSET_MASK) != 0;
+  while (size < 4 * n)
     size *= 2;
   t = calloc (size, sizeof *t);
   if (t == NULL)

@@ -720,3 +720,24 @@ for i in range(20):
     qcheck "$img"
     qio "$img" -c 'read -P 0 0 512M'
 }
+
+@test "(x) the overlap index is sized by the tables that exist, not by the L1 table's size" {
+    [ "${SANITIZE:-}" != 1 ] || skip "address space is meaningless under ASan"
+    # 128 GiB with 512-byte clusters: a 4M-entry L1.  An index sized
+    # from it took 256 MiB at the first write.
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 -o cluster_size=512 "$img" 128G
+    qio "$img" -c 'write -P 0x11 0 64k' -c 'write -P 0x22 100G 64k'
+    Q2_QUIET=1 start_nbdkit "$PLUGIN" file="$img"
+    local pid before after
+    pid="$(cat "$pidfile")"
+    nbdsh -u "$uri" -c 'assert h.pread(512, 100 << 30) == b"\x22" * 512'
+    before="$(awk '/^VmSize/ { print $2 }' /proc/"$pid"/status)"
+    nbdsh -u "$uri" -c 'h.pwrite(b"\x33" * 512, 50 << 30); h.flush()'
+    after="$(awk '/^VmSize/ { print $2 }' /proc/"$pid"/status)"
+    stop_nbdkit
+    echo "# address space grew by $(( (after - before) / 1024 )) MiB at the first write" >&3
+    [ $((after - before)) -lt $((64 * 1024)) ]
+    qcheck "$img"
+    qio "$img" -c 'read -P 0x33 50G 512' -c 'read -P 0x11 0 64k'
+}
