@@ -260,7 +260,6 @@ struct q2_image {
   uint32_t cluster_bits;
   uint64_t cluster_size;
   bool extended_l2;
-  bool external_data;           /* guest data lives in data_fd */
   uint32_t l2_entry_size;       /* 8 or 16 */
   uint32_t l2_bits;             /* log2 (entries per L2 table) */
   uint32_t subcluster_bits;     /* log2 (subcluster size) */

@@ -24,7 +24,7 @@ q2_decode_l2 (const struct q2_image *img, uint64_t entry, uint64_t bitmap,
     if (entry & QCOW_OFLAG_COPIED)
       return q2_err (EIO, "compressed L2 entry %#llx has the COPIED flag set",
                      (unsigned long long) entry);
-    if (img->external_data)
+    if (img->data_fd != img->fd)
       return q2_err (EIO, "compressed L2 entry %#llx in an image with an "
                      "external data file", (unsigned long long) entry);
     if (img->extended_l2 && bitmap != 0)
@@ -50,7 +50,7 @@ q2_decode_l2 (const struct q2_image *img, uint64_t entry, uint64_t bitmap,
                    "the cluster size", (unsigned long long) entry);
   /* With an external data file offset 0 is valid; COPIED disambiguates. */
   allocated = host != 0 ||
-    (img->external_data && (entry & QCOW_OFLAG_COPIED));
+    (img->data_fd != img->fd && (entry & QCOW_OFLAG_COPIED));
   d->host_offset = host;
   d->copied = allocated && (entry & QCOW_OFLAG_COPIED);
 

@@ -170,7 +170,6 @@ q2_set_geometry (struct q2_image *img)
   img->cluster_bits = h->cluster_bits;
   img->cluster_size = 1ULL << h->cluster_bits;
   img->extended_l2 = !!(h->incompatible_features & QCOW2_INCOMPAT_EXTL2);
-  img->external_data = !!(h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE);
   img->l2_entry_size = img->extended_l2 ? 16 : 8;
   img->l2_bits = h->cluster_bits - (img->extended_l2 ? 4 : 3);
   img->subcluster_bits = h->cluster_bits - 5;

@@ -34,12 +34,7 @@ qopts ()
 # with "Unable to get accurate CPU usage" while timing PBKDF2.
 qcreate ()
 {
-    local i
-    for i in 1 2 3; do
-        qemu-img create -q -f qcow2 --object "$SEC" "$@" && return 0
-        sleep 0.2
-    done
-    return 1
+    qemu_img_create -q -f qcow2 --object "$SEC" "$@"
 }
 
 # qio IMG QEMU-IO-ARGS...: qemu-io on an encrypted image; fails if any

@@ -92,3 +92,15 @@ if d:
         opts="$opts,data-file.driver=file,data-file.filename=$df,data-file.locking=off"
     nbdinfo --map -- [ qemu-nbd -r --image-opts "$opts" ]
 }
+
+# qemu_img_create ARGS...: qemu-img create, retried: creating a LUKS
+# image sometimes fails with "Unable to get accurate CPU usage".
+qemu_img_create ()
+{
+    local i
+    for i in 1 2 3; do
+        qemu-img create "$@" && return 0
+        sleep 0.2
+    done
+    return 1
+}

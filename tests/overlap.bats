@@ -252,7 +252,7 @@ open(sys.argv[1], "wb").write(d)' "$img"
 
 @test "header fields QEMU refuses: a LUKS extension without LUKS, raw data file without a data file" {
     img="$BATS_TEST_TMPDIR/l.qcow2"
-    qemu-img create -q -f qcow2 --object secret,id=s,data=pw \
+    qemu_img_create -q -f qcow2 --object secret,id=s,data=pw \
         -o encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10 \
         "$img" 16M
     /usr/bin/python3 -c '

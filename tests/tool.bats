@@ -1001,7 +1001,7 @@ repair_all_keeps_data ()
     local S="--object secret,id=s0,data=abc" f
     qemu-img create -q -f qcow2 -o compat=0.10 v2.qcow2 10M
     qemu-img snapshot -c snap1 v2.qcow2
-    qemu-img create -q -f qcow2 $S -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 l.qcow2 10M
+    qemu_img_create -q -f qcow2 $S -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 l.qcow2 10M
     qemu-img create -q -f qcow2 $S -o encrypt.format=aes,encrypt.key-secret=s0,compat=0.10 aes.qcow2 10M 2>/dev/null
     qemu-img create -q -f qcow2 -o extended_l2=on,compression_type=zstd,refcount_bits=1,lazy_refcounts=on e.qcow2 10M
     qemu-img create -q -f raw r.raw 10M
@@ -1089,7 +1089,7 @@ open(sys.argv[1], "wb").write(d)' ic.qcow2
 @test "tool map: an encrypted image's clusters have no offset (ciphertext), as in qemu-img map" {
     local S="--object secret,id=s,data=pw"
     local IO="driver=qcow2,file.filename=e.qcow2,encrypt.key-secret=s"
-    qemu-img create -q -f qcow2 $S -o encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10 e.qcow2 4M
+    qemu_img_create -q -f qcow2 $S -o encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10 e.qcow2 4M
     qemu-io $S --image-opts "$IO" -c "write -P 1 0 64k" -c "write -z 1M 64k" > /dev/null
     run -0 "$TOOL" map --json e.qcow2
     [ "$output" = "$(qemu-img map $S --output=json --image-opts "$IO")" ]

@@ -26,7 +26,9 @@ img_setup (struct q2_image *img, uint32_t cluster_bits, uint64_t incompat)
   h->header_length = 112;
   h->incompatible_features = incompat;
   q2_set_geometry (img);
-  img->fd = img->data_fd = -1;
+  /* No files; a data_fd unlike fd is what says "external data file". */
+  img->fd = -1;
+  img->data_fd = incompat & DATA_FILE ? -2 : -1;
 }
 
 /* Decodes and returns the result; d is filled with a sentinel first so
