@@ -561,8 +561,10 @@ int q2_release_entry (struct q2_image *img, uint64_t entry);
  * host offset lies past the end of the file: marks the image corrupt
  * and returns -EIO; 0 when the offset is fine. */
 int q2_check_entry_in_file (struct q2_image *img, uint64_t gc, uint64_t host);
+#define Q2_HOST_PUNCH_OK 1u     /* a hole is fine (the raw data file) */
+#define Q2_HOST_FAST      2u     /* fail with ENOTSUP rather than write */
 int q2_zero_host (struct q2_image *img, int fd, uint64_t offset,
-                  uint64_t len);
+                  uint64_t len, unsigned flags);
 int q2_write_locked (struct q2_image *img, const uint8_t *buf,
                      uint64_t count, uint64_t offset);
 /* Called with io_lock exclusive: returns (still holding it) once no

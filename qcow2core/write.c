@@ -205,9 +205,12 @@ cow_source (struct q2_image *img, uint64_t off, uint64_t len,
   return 0;
 }
 
-/* Zeroes a host range without writing a buffer when the file system can. */
+/* Zeroes a host range without writing a buffer when the file system
+ * can: ZERO_RANGE, else a hole where Q2_HOST_PUNCH_OK allows one.
+ * With Q2_HOST_FAST it fails with ENOTSUP rather than write zeros. */
 int
-q2_zero_host (struct q2_image *img, int fd, uint64_t offset, uint64_t len)
+q2_zero_host (struct q2_image *img, int fd, uint64_t offset, uint64_t len,
+              unsigned flags)
 {
   static const uint8_t zeros[65536];
 
@@ -215,6 +218,14 @@ q2_zero_host (struct q2_image *img, int fd, uint64_t offset, uint64_t len)
     return 0;
   if (fallocate (fd, FALLOC_FL_ZERO_RANGE, offset, len) == 0)
     return 0;
+  if ((flags & Q2_HOST_PUNCH_OK) &&
+      fallocate (fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                 offset, len) == 0)
+    return 0;
+  if (flags & Q2_HOST_FAST)
+    return q2_err (ENOTSUP, "the file system cannot zero %#llx+%llu "
+                   "without writing", (unsigned long long) offset,
+                   (unsigned long long) len);
   while (len > 0) {
     uint64_t n = Q2_MIN (len, sizeof zeros);
     int r = q2_io_pwrite (fd, zeros, n, offset, "zeroing");
@@ -236,7 +247,7 @@ prepare_cow (struct q2_image *img, enum cow_source src, uint64_t guest_off,
   switch (src) {
   case COW_NONE: return 0;
   case COW_ZERO:
-    return fresh ? 0 : q2_zero_host (img, img->data_fd, host_off, len);
+    return fresh ? 0 : q2_zero_host (img, img->data_fd, host_off, len, 0);
   case COW_BELOW: return q2_read_below (img, buf, len, guest_off);
   case COW_LAYER: return q2_layer_pread (img, buf, len, guest_off);
   }

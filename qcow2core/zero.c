@@ -122,10 +122,21 @@ whole_subclusters (const struct q2_image *img, uint64_t gc, uint64_t a,
   *sb_end = gc + b >= img->virtual_size ? b : Q2_ROUND_DOWN (b, scs);
 }
 
+/* How an external data file is zeroed under a guest range: a raw one
+ * must read zeros too.  A hole is fine unless the client said NO_HOLE;
+ * FAST_ZERO must fail before anything changes, and the data file is
+ * zeroed before the L2 entry, so failing here changes nothing. */
+static unsigned
+data_zero_flags (bool may_trim, bool fast)
+{
+  return (may_trim ? Q2_HOST_PUNCH_OK : 0) | (fast ? Q2_HOST_FAST : 0);
+}
+
 /* Makes one whole guest cluster read as zeros through metadata alone.
  * Returns 1 if that is impossible (v2 with a backing file showing). */
 static int
-zero_cluster (struct q2_image *img, uint64_t gc, bool may_trim, bool discard)
+zero_cluster (struct q2_image *img, uint64_t gc, bool may_trim, bool discard,
+              bool fast)
 {
   struct entry_state s;
   uint64_t entry = 0, bitmap = 0;
@@ -145,9 +156,10 @@ zero_cluster (struct q2_image *img, uint64_t gc, bool may_trim, bool discard)
     return r;
 
   if (data_file) {
-    /* Data file clusters are not refcounted; punching keeps a raw data
+    /* Data file clusters are not refcounted; zeroing keeps a raw data
      * file reading zeros too. */
-    if ((r = q2_zero_host (img, img->data_fd, gc, img->cluster_size)) < 0)
+    if ((r = q2_zero_host (img, img->data_fd, gc, img->cluster_size,
+                           data_zero_flags (may_trim, fast))) < 0)
       return r;
     img->unsynced |= Q2_UNSYNCED_DATA;  /* before the zero flag lands */
     keep_host = s.allocated;
@@ -180,7 +192,8 @@ zero_cluster (struct q2_image *img, uint64_t gc, bool may_trim, bool discard)
  * unallocated cluster by setting their zero bits.  Returns 1 when the
  * cluster is compressed or shared and needs a data write instead. */
 static int
-zero_subclusters (struct q2_image *img, uint64_t gc, unsigned sa, unsigned sb)
+zero_subclusters (struct q2_image *img, uint64_t gc, unsigned sa, unsigned sb,
+                  bool may_trim, bool fast)
 {
   struct entry_state s;
   uint64_t bitmap, scs = img->cluster_size / 32;
@@ -196,7 +209,8 @@ zero_subclusters (struct q2_image *img, uint64_t gc, unsigned sa, unsigned sb)
     uint64_t off = gc + (uint64_t) sa * scs;
     uint64_t len = Q2_MIN ((uint64_t) (sb - sa + 1) * scs,
                            img->virtual_size - off);
-    if ((r = q2_zero_host (img, img->data_fd, off, len)) < 0)
+    if ((r = q2_zero_host (img, img->data_fd, off, len,
+                           data_zero_flags (may_trim, fast))) < 0)
       return r;
     img->unsynced |= Q2_UNSYNCED_DATA;
   }
@@ -243,7 +257,7 @@ needs_data_write (struct q2_image *img, uint64_t offset, uint64_t len)
  * bits, the partial ones at the edges by writing zeros. */
 static int
 zero_partial_extended (struct q2_image *img, uint64_t gc, uint64_t a,
-                       uint64_t b)
+                       uint64_t b, bool may_trim, bool fast)
 {
   uint64_t scs = img->cluster_size / 32, sa_off, sb_end;
   int r;
@@ -251,7 +265,8 @@ zero_partial_extended (struct q2_image *img, uint64_t gc, uint64_t a,
   whole_subclusters (img, gc, a, b, &sa_off, &sb_end);
   if (sa_off >= sb_end)
     return zero_edge (img, gc, a, b);
-  r = zero_subclusters (img, gc, sa_off / scs, (sb_end - 1) / scs);
+  r = zero_subclusters (img, gc, sa_off / scs, (sb_end - 1) / scs,
+                        may_trim, fast);
   if (r == 1)                   /* compressed or shared: one data write */
     return write_zeros (img, gc + a, b - a);
   if (r == 0)
@@ -276,12 +291,12 @@ zero_locked (struct q2_image *img, uint64_t offset, uint64_t len,
     uint64_t b = Q2_MIN (cs, end - gc);
 
     if (covers_cluster (img, gc, a, b)) {
-      r = zero_cluster (img, gc, may_trim, false);
+      r = zero_cluster (img, gc, may_trim, false, fast);
       if (r == 1)
         r = write_zeros (img, gc, b);
     }
     else if (img->extended_l2)
-      r = zero_partial_extended (img, gc, a, b);
+      r = zero_partial_extended (img, gc, a, b, may_trim, fast);
     else
       r = zero_edge (img, gc, a, b);
     if (r < 0)
@@ -302,7 +317,7 @@ trim_locked (struct q2_image *img, uint64_t offset, uint64_t len)
   if (end < img->virtual_size)
     end = Q2_ROUND_DOWN (end, cs);
   for (; gc < end; gc += cs)
-    if ((r = zero_cluster (img, gc, true, true)) < 0)
+    if ((r = zero_cluster (img, gc, true, true, false)) < 0)
       return r;
   return 0;
 }

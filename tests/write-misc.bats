@@ -162,6 +162,46 @@ assert h.pread(65536, 2 << 20) == bytes(65536)'
         -c 'read -P 0x22 1088k 960k' -c 'read -P 0 2M 64k' -c 'read -P 0x22 2112k 6080k'
 }
 
+@test "(c) FAST_ZERO: a raw data file on a file system without ZERO_RANGE needs NO_HOLE | FAST_ZERO to fail with ENOTSUP, data unchanged; without NO_HOLE it punches" {
+    # tmpfs has no FALLOC_FL_ZERO_RANGE: zeroing the raw data file there
+    # means writing zeros, which FAST_ZERO must refuse before any change.
+    local dir data
+    dir="$(mktemp -d /dev/shm/q2fz.XXXXXX)" || skip "no /dev/shm"
+    data="$dir/t.data"
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    truncate -s 1M "$dir/probe"
+    if fallocate -z -o 0 -l 65536 "$dir/probe" 2>/dev/null; then
+        rm -rf "$dir"; skip "/dev/shm supports ZERO_RANGE here"
+    fi
+    for el2 in off on; do
+        rm -f "$img" "$data"
+        qemu-img create -q -f qcow2 -o extended_l2=$el2,data_file="$data",data_file_raw=on "$img" 4M
+        qio "$img" -c 'write -P 0x44 0 4M'
+        start_nbdkit "$PLUGIN" file="$img"
+        nbdsh -u "$uri" -c '
+import errno
+for off, n in [(0, 1 << 20), (65536, 65536), (2 << 20, 2 << 20)]:
+    try:
+        h.zero(n, off, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE)
+        raise SystemExit("fast zero without holes at %d succeeded" % off)
+    except nbd.Error as e:
+        assert e.errnum in (errno.ENOTSUP, errno.EOPNOTSUPP), (e.errnum, e.string)
+assert h.pread(4 << 20, 0) == b"\x44" * (4 << 20)
+h.zero(1 << 20, 1 << 20, nbd.CMD_FLAG_FAST_ZERO)    # a hole is fast
+h.zero(1 << 20, 2 << 20, nbd.CMD_FLAG_NO_HOLE)      # writes zeros
+assert h.pread(1 << 20, 0) == b"\x44" * (1 << 20)
+assert h.pread(2 << 20, 1 << 20) == bytes(2 << 20)
+assert h.pread(1 << 20, 3 << 20) == b"\x44" * (1 << 20)'
+        stop_nbdkit
+        qcheck "$img"
+        # The raw data file itself reads the same as the guest.
+        cmp -n 1048576 "$data" <(head -c 1M /dev/zero | tr '\0' '\104')
+        cmp -i 1048576 -n 2097152 "$data" /dev/zero
+        qio "$img" -c 'read -P 0x44 0 1M' -c 'read -P 0 1M 2M' -c 'read -P 0x44 3M 1M'
+    done
+    rm -rf "$dir"
+}
+
 @test "(d) v3: zero without MAY_TRIM keeps clusters allocated, with MAY_TRIM frees them" {
     img="$BATS_TEST_TMPDIR/t.qcow2"
     qemu-img create -q -f qcow2 "$img" 64M
