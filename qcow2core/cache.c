@@ -1,6 +1,8 @@
 /* A bounded LRU cache of metadata slices (L2 tables, refcount blocks),
- * keyed by host offset.  Slot memory is allocated on first use, so a
- * generous limit costs nothing on a small image.  The caller serialises
+ * keyed by host offset.  Slots are handed out in order as they are first
+ * needed, their slices allocated then, and the hash grows with them: a
+ * generous limit costs only untouched address space until it is used,
+ * and flushes scan only the slots ever used.  The caller serialises
  * access with its own lock. */
 #include <errno.h>
 #include <stdlib.h>
@@ -9,6 +11,7 @@
 #include "internal.h"
 
 #define NIL UINT32_MAX
+#define MIN_HASH 64u            /* buckets; doubled to stay >= 2 * used */
 
 struct slot {
   uint64_t key;
@@ -16,14 +19,15 @@ struct slot {
   bool valid;
   bool dirty;
   uint32_t prev, next;          /* LRU list, head = most recent */
-  uint32_t hnext;               /* hash chain */
+  uint32_t hnext;               /* hash chain: index + 1, 0 ends it */
 };
 
 struct q2_cache {
   uint32_t slice_size;
   uint32_t nb_slots;
+  uint32_t used;                /* slots [0, used) are on the LRU list */
   struct slot *slots;
-  uint32_t *hash;
+  uint32_t *hash;               /* bucket heads: index + 1, 0 if empty */
   uint32_t hash_mask;
   uint32_t head, tail;
   q2_cache_writeback_fn writeback;
@@ -35,12 +39,9 @@ q2_cache_new (uint32_t slice_size, uint32_t nb_slots,
               q2_cache_writeback_fn writeback, void *opaque)
 {
   struct q2_cache *c;
-  uint32_t i, hsize = 1;
 
   if (nb_slots < 2)
     nb_slots = 2;
-  while (hsize < nb_slots * 2)
-    hsize <<= 1;
   c = calloc (1, sizeof *c);
   if (c == NULL)
     return NULL;
@@ -48,23 +49,15 @@ q2_cache_new (uint32_t slice_size, uint32_t nb_slots,
   c->nb_slots = nb_slots;
   c->writeback = writeback;
   c->opaque = opaque;
+  /* calloc: pages of slots never used are never touched. */
   c->slots = calloc (nb_slots, sizeof *c->slots);
-  c->hash = malloc (hsize * sizeof *c->hash);
+  c->hash_mask = MIN_HASH - 1;
+  c->hash = calloc (MIN_HASH, sizeof *c->hash);
   if (c->slots == NULL || c->hash == NULL) {
     q2_cache_free (c);
     return NULL;
   }
-  c->hash_mask = hsize - 1;
-  for (i = 0; i < hsize; i++)
-    c->hash[i] = NIL;
-  /* All slots start on the LRU list, unused ones at the tail end. */
-  for (i = 0; i < nb_slots; i++) {
-    c->slots[i].prev = i == 0 ? NIL : i - 1;
-    c->slots[i].next = i + 1 == nb_slots ? NIL : i + 1;
-    c->slots[i].hnext = NIL;
-  }
-  c->head = 0;
-  c->tail = nb_slots - 1;
+  c->head = c->tail = NIL;
   return c;
 }
 
@@ -76,7 +69,7 @@ q2_cache_free (struct q2_cache *c)
   if (c == NULL)
     return;
   if (c->slots)
-    for (i = 0; i < c->nb_slots; i++)
+    for (i = 0; i < c->used; i++)
       free (c->slots[i].data);
   free (c->slots);
   free (c->hash);
@@ -145,12 +138,21 @@ lru_push_back (struct q2_cache *c, uint32_t i)
 static uint32_t
 lookup (const struct q2_cache *c, uint64_t key)
 {
-  uint32_t i;
+  uint32_t h;
 
-  for (i = c->hash[bucket (c, key)]; i != NIL; i = c->slots[i].hnext)
-    if (c->slots[i].key == key)
-      return i;
+  for (h = c->hash[bucket (c, key)]; h != 0; h = c->slots[h - 1].hnext)
+    if (c->slots[h - 1].key == key)
+      return h - 1;
   return NIL;
+}
+
+static void
+hash_insert (struct q2_cache *c, uint32_t i)
+{
+  uint32_t b = bucket (c, c->slots[i].key);
+
+  c->slots[i].hnext = c->hash[b];
+  c->hash[b] = i + 1;
 }
 
 static void
@@ -158,11 +160,31 @@ hash_remove (struct q2_cache *c, uint32_t i)
 {
   uint32_t *p = &c->hash[bucket (c, c->slots[i].key)];
 
-  while (*p != NIL && *p != i)
-    p = &c->slots[*p].hnext;
-  if (*p == i)
+  while (*p != 0 && *p != i + 1)
+    p = &c->slots[*p - 1].hnext;
+  if (*p == i + 1)
     *p = c->slots[i].hnext;
-  c->slots[i].hnext = NIL;
+  c->slots[i].hnext = 0;
+}
+
+/* Keeps at least two buckets per slot in use; rehashes when doubling. */
+static int
+hash_grow (struct q2_cache *c)
+{
+  uint32_t n = c->hash_mask + 1, i, *h;
+
+  if (c->used * 2ULL <= n)
+    return 0;
+  h = calloc ((size_t) n * 2, sizeof *h);
+  if (h == NULL)
+    return q2_err (ENOMEM, "out of memory for a metadata cache hash");
+  free (c->hash);
+  c->hash = h;
+  c->hash_mask = n * 2 - 1;
+  for (i = 0; i < c->used; i++)
+    if (c->slots[i].valid)
+      hash_insert (c, i);
+  return 0;
 }
 
 static int
@@ -180,6 +202,30 @@ write_back_slot (struct q2_cache *c, uint32_t i)
   return 0;
 }
 
+/* A slot for a new slice: a free one at the LRU tail, else one never
+ * used, else the least recently used (written back first). */
+static uint32_t
+take_slot (struct q2_cache *c, int *err)
+{
+  uint32_t i = c->tail;
+
+  if ((i == NIL || c->slots[i].valid) && c->used < c->nb_slots) {
+    i = c->used++;
+    if ((*err = hash_grow (c)) < 0) {
+      c->used--;
+      return NIL;
+    }
+    lru_push_front (c, i);
+    return i;
+  }
+  if ((*err = write_back_slot (c, i)) < 0)
+    return NIL;
+  if (c->slots[i].valid)
+    hash_remove (c, i);
+  c->slots[i].valid = false;
+  return i;
+}
+
 static uint32_t
 find_or_evict (struct q2_cache *c, uint64_t key, bool *hit, int *err)
 {
@@ -188,12 +234,8 @@ find_or_evict (struct q2_cache *c, uint64_t key, bool *hit, int *err)
   *err = 0;
   *hit = i != NIL;
   if (i == NIL) {
-    i = c->tail;
-    if ((*err = write_back_slot (c, i)) < 0)
+    if ((i = take_slot (c, err)) == NIL)
       return NIL;
-    if (c->slots[i].valid)
-      hash_remove (c, i);
-    c->slots[i].valid = false;
     if (c->slots[i].data == NULL &&
         (c->slots[i].data = malloc (c->slice_size)) == NULL) {
       *err = q2_err (ENOMEM, "out of memory for a metadata cache slice");
@@ -208,13 +250,10 @@ find_or_evict (struct q2_cache *c, uint64_t key, bool *hit, int *err)
 static void
 install (struct q2_cache *c, uint32_t i, uint64_t key)
 {
-  uint32_t b = bucket (c, key);
-
   c->slots[i].key = key;
   c->slots[i].valid = true;
   c->slots[i].dirty = false;
-  c->slots[i].hnext = c->hash[b];
-  c->hash[b] = i;
+  hash_insert (c, i);
 }
 
 int
@@ -269,7 +308,7 @@ q2_cache_has_dirty (const struct q2_cache *c)
 {
   uint32_t i;
 
-  for (i = 0; i < c->nb_slots; i++)
+  for (i = 0; i < c->used; i++)
     if (c->slots[i].valid && c->slots[i].dirty)
       return true;
   return false;
@@ -281,7 +320,7 @@ q2_cache_flush (struct q2_cache *c)
   uint32_t i;
   int r;
 
-  for (i = 0; i < c->nb_slots; i++)
+  for (i = 0; i < c->used; i++)
     if ((r = write_back_slot (c, i)) < 0)
       return r;
   return 0;
@@ -306,14 +345,14 @@ q2_cache_discard (struct q2_cache *c, uint64_t offset, uint64_t length)
   /* A short range (a freed cluster, a new table) is looked up slice by
    * slice, since keys are slice-aligned: scanning every slot of a big
    * cache per freed cluster made trims crawl.  A long one is scanned. */
-  if (length / c->slice_size < c->nb_slots && end > offset) {
+  if (length / c->slice_size < c->used && end > offset) {
     for (k = Q2_ROUND_UP (offset, c->slice_size); k < end;
          k += c->slice_size)
       if ((i = lookup (c, k)) != NIL)
         discard_slot (c, i);
     return;
   }
-  for (i = 0; i < c->nb_slots; i++) {
+  for (i = 0; i < c->used; i++) {
     struct slot *s = &c->slots[i];
     if (s->valid && s->key >= offset && s->key - offset < length)
       discard_slot (c, i);
