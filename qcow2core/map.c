@@ -41,7 +41,9 @@ q2_decode_l2 (const struct q2_image *img, uint64_t entry, uint64_t bitmap,
     return 0;
   }
 
-  if (entry & (L2E_STD_RESERVED | (img->extended_l2 ? QCOW_OFLAG_ZERO : 0)))
+  /* With extended L2 bit 0 has no meaning; QEMU ignores it (iotest
+   * 271 reads and writes such entries), so it is not refused here. */
+  if (entry & L2E_STD_RESERVED)
     return q2_err (EIO, "L2 entry %#llx has reserved bits set",
                    (unsigned long long) entry);
   host = entry & L2E_OFFSET_MASK;

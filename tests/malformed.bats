@@ -490,6 +490,27 @@ KW_LOOP='loop|cycl|itself|recurs|too deep|depth'
 @test "extended L2 bitmap with alloc and zero bits both set: EIO on guest cluster 1 only" {
     expect_eio extl2-alloc-and-zero.qcow2 base-extl2.raw 0x10000:0x10000 -r
 }
+@test "extended L2 entries with bit 0 set are valid: served, written, still clean" {
+    local tool="$BATS_TEST_DIRNAME/../tools/qcow2-tool"
+    [ "${SANITIZE:-}" != 1 ] || tool="$BATS_TEST_DIRNAME/../build-san/qcow2-tool"
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    cp "$CORPUS/extl2-bit0.qcow2" "$img"
+    qemu-img check "$img"
+    start_nbdkit "$PLUGIN" file="$img"
+    qemu-img compare -f raw -F raw "$uri" "$CORPUS/base-extl2.raw"
+    nbdsh -u "$uri" -c '
+h.pwrite(b"\x44" * 1024, 512)          # allocated cluster 0, in place
+h.pwrite(b"\x45" * 1024, 0x30000)      # empty cluster 3, allocates'
+    stop_nbdkit
+    qemu-img check "$img"
+    ! qemu-img info "$img" | grep -q 'corrupt: true'
+    "$tool" check "$img"
+    run qemu-io -f qcow2 -c 'read -P 0x71 0 512' -c 'read -P 0x44 512 1k' \
+        -c 'read -P 0x71 1536 64000' -c 'read -P 0x45 0x30000 1k' \
+        -c 'read -P 0 0x30400 63k' "$img"
+    [ "$status" -eq 0 ] && ! grep -qiE 'fail|error' <<<"$output" ||
+        { echo "$output" >&3; false; }
+}
 
 # ---------------------------------------------------------------------------
 # Snapshot table: it does not hold guest data of the active layer, so

@@ -639,7 +639,15 @@ def _(q):
     q.put64(a, q.u64(a) | (1 << (32 + 5)))
 
 
-# --- snapshots ------------------------------------------------------------------
+@case("extl2-bit0", "base-extl2")
+def _(q):
+    # Bit 0 (the zero flag of standard L2) set in an allocated entry
+    # (cluster 0) and an empty one (cluster 3).  With extended L2 it means
+    # nothing: qemu reads and writes normally, check finds no errors
+    # (iotest 271: "We actually don't consider this a corrupted image").
+    for g in (0, 0x30000):
+        a = q.l2_entry_addr(g)
+        q.put64(a, q.u64(a) | 1)
 
 @case("snapshot-table-past-eof", "base-snap")
 def _(q):
