@@ -53,11 +53,9 @@ walk_l2 (struct walk *w, uint64_t l2_off, uint8_t *buf)
     }
     else {
       uint64_t host = e & L2E_OFFSET_MASK;
-      /* An unaligned offset under the zero flag is no reference: the
-       * repair turns it into a plain zero cluster, as QEMU's does. */
-      bool zero_flag = !img->extended_l2 && (e & QCOW_OFLAG_ZERO);
-      if (host && !data_file &&
-          !(zero_flag && !Q2_IS_ALIGNED (host, img->cluster_size))) {
+      uint64_t bitmap = img->extended_l2 ?
+        q2_be64 (buf + i * img->l2_entry_size + 8) : 0;
+      if (host && !data_file && !q2_unaligned_without_data (img, e, bitmap)) {
         if (!Q2_IS_ALIGNED (host, img->cluster_size))
           return q2_err (EIO, "L2 table at %#llx, entry %llu: unaligned "
                          "data cluster offset %#llx",

@@ -371,15 +371,17 @@ open_for_repair (struct q2_image *img)
   return r;
 }
 
-/* -r all: a zero-flagged entry with an unaligned offset becomes a plain
- * zero cluster (it reads as zeros either way), as QEMU repairs it. */
+/* -r all: an entry with an unaligned offset and no data in it loses
+ * the offset, as QEMU repairs it: a plain zero cluster, or with
+ * extended L2 an unallocated one whose zero bits stay (it reads the
+ * same either way). */
 static int
 fix_unaligned_zero_entries (struct q2_image *img, uint64_t *fixed)
 {
   uint64_t i, j, n = 1ULL << img->l2_bits;
   int r;
 
-  if (img->extended_l2 || img->hdr.version < 3)
+  if (img->hdr.version < 3)
     return 0;
   for (i = 0; i < img->l1_size; i++) {
     uint64_t l2;
@@ -391,10 +393,10 @@ fix_unaligned_zero_entries (struct q2_image *img, uint64_t *fixed)
       if ((r = q2_l2_entry_ref (img, l2, g, &p, &so)) < 0)
         return r;
       e = q2_be64 (p);
-      if ((e & QCOW_OFLAG_COMPRESSED) || !(e & QCOW_OFLAG_ZERO) ||
-          Q2_IS_ALIGNED (e & L2E_OFFSET_MASK, img->cluster_size))
+      if (!q2_unaligned_without_data (img, e, img->extended_l2 ?
+                                      q2_be64 (p + 8) : 0))
         continue;
-      q2_put_be64 (p, QCOW_OFLAG_ZERO);
+      q2_put_be64 (p, img->extended_l2 ? 0 : QCOW_OFLAG_ZERO);
       q2_cache_mark_dirty (img->l2_cache, so);
       (*fixed)++;
     }

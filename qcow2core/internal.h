@@ -449,6 +449,11 @@ struct q2_l2_decoded {
  * -EIO with a message for an invalid entry. */
 int q2_decode_l2 (const struct q2_image *img, uint64_t entry,
                   uint64_t bitmap, unsigned sc, struct q2_l2_decoded *d);
+/* An L2 entry with an unaligned host offset that holds no data (the
+ * zero flag, or with extended L2 no allocated subcluster): QEMU's
+ * repair drops the offset, so it references nothing. */
+bool q2_unaligned_without_data (const struct q2_image *img, uint64_t entry,
+                                uint64_t bitmap);
 
 /* ---- refcount.c ---- */
 int q2_refcount_get (struct q2_image *img, uint64_t cluster_index,

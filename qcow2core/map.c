@@ -85,6 +85,19 @@ q2_decode_l2 (const struct q2_image *img, uint64_t entry, uint64_t bitmap,
   return 0;
 }
 
+bool
+q2_unaligned_without_data (const struct q2_image *img, uint64_t entry,
+                            uint64_t bitmap)
+{
+  uint64_t host = entry & L2E_OFFSET_MASK;
+
+  if ((entry & QCOW_OFLAG_COMPRESSED) || host == 0 ||
+      Q2_IS_ALIGNED (host, img->cluster_size))
+    return false;
+  return img->extended_l2 ? (bitmap & L2_BITMAP_ALLOC) == 0 :
+    (entry & QCOW_OFLAG_ZERO) != 0;
+}
+
 /* Does [off, off+len) overlap the header cluster, the L1 table or the
  * refcount table?  Data there would mean the L2 entry is corrupt. */
 bool

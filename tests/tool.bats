@@ -845,6 +845,24 @@ repair_all_keeps_data ()
     run qemu-io -r -c "read -P 0x55 0 64k" -c "read -P 0 64k 64k" a.qcow2
     [[ "$output" != *fail* ]]
 
+    # Extended L2 (iotest 271): an unaligned offset with no allocated
+    # subcluster loses the offset; its zero bits stay, the backing file
+    # shows through the rest.
+    qemu-img create -q -f raw base.raw 128k
+    qemu-io -f raw -c "write -P 0xff 0 128k" base.raw > /dev/null
+    qemu-img create -q -f qcow2 -o extended_l2=on -F raw -b base.raw e.qcow2
+    qemu-io -c "write -P 1 4k 2k" -c "write -z 4k 2k" e.qcow2 > /dev/null
+    l2="$(( $(read_be e.qcow2 $(( $(read_be e.qcow2 40 Q) )) Q) & ((1 << 56) - 1) ))"
+    patch e.qcow2 $l2 Q "$(read_be e.qcow2 $l2 Q) + 512"
+    same_check_status e.qcow2
+    [ "$check_status" -eq 2 ]
+    run -0 "$TOOL" check -r all e.qcow2
+    qemu-img check e.qcow2
+    [ "$(read_be e.qcow2 $l2 Q)" = 0 ]
+    run nbdkit -U - "$PLUGIN" file="$PWD/e.qcow2" --run \
+        'qemu-io -r -f raw "$uri" -c "read -P 0xff 0 4k" -c "read -P 0 4k 2k" -c "read -P 0xff 6k 122k"'
+    [ "$status" -eq 0 ] && [[ "$output" != *fail* ]] && [[ "$output" != *rror* ]]
+
     make_damage_base b.qcow2
     local e
     e="$(read_be b.qcow2 $((0x40000)) Q)"
