@@ -35,9 +35,9 @@ q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
 
   /* Every refcount reads 0: allocating would hand out live clusters. */
   if (img->refcounts_lost)
-    return q2_err (EIO, "the refcount table is past the end of the file: "
-                   "no cluster can be allocated until the refcounts are "
-                   "rebuilt (check -r all)");
+    return q2_err (EIO, "the refcount table is missing or past the end "
+                   "of the file: no cluster can be allocated until the "
+                   "refcounts are rebuilt (check -r all)");
  retry:
   run = 0;
   start = first_free = UINT64_MAX;

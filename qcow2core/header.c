@@ -261,12 +261,12 @@ static int parse_header (const uint8_t *buf, size_t len, uint64_t file_size,
                          unsigned flags, struct q2_header *h);
 
 bool
-q2_reftable_past_eof (const struct q2_header *h, uint64_t cluster_size,
+q2_reftable_unusable (const struct q2_header *h, uint64_t cluster_size,
                       uint64_t file_size)
 {
   uint64_t bytes = (uint64_t) h->refcount_table_clusters * cluster_size;
 
-  return h->refcount_table_offset >= file_size ||
+  return bytes == 0 || h->refcount_table_offset >= file_size ||
     bytes > file_size - h->refcount_table_offset;
 }
 
@@ -470,6 +470,8 @@ parse_header (const uint8_t *buf, size_t len, uint64_t file_size,
   if (r < 0)
     goto fail;
   if (h->refcount_table_clusters == 0) {
+    if (flags & Q2_HDR_REFTABLE_UNUSABLE)
+      goto snapshots;
     r = q2_err (EINVAL, "refcount_table_clusters is 0: the image has no "
                 "refcount table");
     goto fail;
@@ -479,10 +481,11 @@ parse_header (const uint8_t *buf, size_t len, uint64_t file_size,
                    h->refcount_table_offset,
                    (uint64_t) h->refcount_table_clusters * cluster_size / 8,
                    8, QCOW2_MAX_REFTABLE_BYTES, cluster_size,
-                   flags & Q2_HDR_REFTABLE_PAST_EOF ? UINT64_MAX
+                   flags & Q2_HDR_REFTABLE_UNUSABLE ? UINT64_MAX
                    : file_size);
   if (r < 0)
     goto fail;
+ snapshots:
   if (h->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {
     r = q2_err (EINVAL, "nb_snapshots %u is too large (at most %d)",
                 h->nb_snapshots, QCOW2_MAX_SNAPSHOTS);

@@ -175,13 +175,14 @@ struct q2_header {
 /* Parses and validates the header in buf (the first cluster, or less if
  * the file is shorter; len is the number of valid bytes) against
  * file_size.  On error the header is cleared.  With
- * Q2_HDR_REFTABLE_PAST_EOF, a refcount table past the end of the file is
- * accepted (check reads it as empty and rebuilds it, as QEMU can). */
-#define Q2_HDR_REFTABLE_PAST_EOF 1u
+ * Q2_HDR_REFTABLE_UNUSABLE, a missing refcount table or one past the end
+ * of the file is accepted (check reads it as empty and rebuilds it, as
+ * QEMU can). */
+#define Q2_HDR_REFTABLE_UNUSABLE 1u
 int q2_header_parse (const uint8_t *buf, size_t len, uint64_t file_size,
                      unsigned flags, struct q2_header *h);
-/* Does the refcount table end past file_size? */
-bool q2_reftable_past_eof (const struct q2_header *h, uint64_t cluster_size,
+/* Is there no refcount table, or does it end past file_size? */
+bool q2_reftable_unusable (const struct q2_header *h, uint64_t cluster_size,
                            uint64_t file_size);
 void q2_header_free (struct q2_header *h);
 /* Name of an incompatible feature bit from the feature-name table. */
@@ -304,7 +305,7 @@ struct q2_image {
   bool corrupt;
   /* errno of a failed fdatasync: every later sync fails (atomic). */
   int sync_error;
-  /* Opened for check with the refcount table past the end of the file:
+  /* Opened for check with no refcount table or one past the end of the file:
    * every refcount reads 0 until q2_rebuild_refcounts. */
   bool refcounts_lost;
   bool header_touched;          /* autoclear bits cleared already */

@@ -188,7 +188,7 @@ setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
   int r;
 
   r = q2_header_parse (buf, len, img->file_size,
-                       opts->for_check ? Q2_HDR_REFTABLE_PAST_EOF : 0, h);
+                       opts->for_check ? Q2_HDR_REFTABLE_UNUSABLE : 0, h);
   if (r < 0)
     return r;
   if ((r = setup_encryption (img, opts->password, opts->no_key)) < 0)
@@ -207,7 +207,7 @@ setup_qcow2 (struct q2_image *img, const uint8_t *buf, size_t len,
     return r;
   img->reftable_entries =
     (uint64_t) h->refcount_table_clusters * img->cluster_size / 8;
-  if (q2_reftable_past_eof (h, img->cluster_size, img->file_size)) {
+  if (q2_reftable_unusable (h, img->cluster_size, img->file_size)) {
     /* Only with for_check; the size was bounded by the header check. */
     img->reftable = calloc (img->reftable_entries ? img->reftable_entries
                             : 1, sizeof *img->reftable);

@@ -1140,27 +1140,39 @@ open(sys.argv[1], "wb").write(d)' ic.qcow2
     [[ "$output" == *"0.00% fragmented"* ]]
 }
 
-@test "tool check: a refcount table past the end of the file is reported and -r all rebuilds it, as qemu-img does; the plugin refuses the image" {
-    qemu-img create -q -f qcow2 x.qcow2 4M
-    qemu-io -c "write -P 1 0 64k" x.qcow2 > /dev/null
-    patch x.qcow2 48 Q $((256 << 20))                  # refcount_table_offset
-    cp x.qcow2 q.qcow2
-    run -1 nbdkit -U - "$PLUGIN" file="$PWD/x.qcow2" --run true
-    [[ "$output" == *"refcount_table_offset (refcount table) 0x10000000"*"past the end of the file"* ]] ||
-        { echo "$output"; return 1; }
-    same_check_status x.qcow2
-    [ "$check_status" -eq 2 ]
-    [[ "$output" == *"ERROR cluster 0 refcount=0 reference=1"* ]]
-    # -r leaks cannot repair lost refcounts: it gives up as qemu-img does.
-    run -1 "$TOOL" check -r leaks x.qcow2
-    [[ "$output" == *"need to rebuild refcount structures"* ]]
-    run -0 "$TOOL" check -r all x.qcow2
-    [[ "$output" == *"Rebuilding refcount structure"* ]]
-    qemu-img check x.qcow2
-    run -0 qemu-io -c "read -P 1 0 64k" x.qcow2
-    [[ "$output" != *"verification failed"* ]]
-    qemu-img check -q -r all q.qcow2
-    qemu-img compare x.qcow2 q.qcow2
+@test "tool check: a refcount table past the end of the file, or none at all (iotest 108), is reported and -r all rebuilds it, as qemu-img does; the plugin refuses the image" {
+    local kind
+    for kind in past-eof missing; do
+        rm -f x.qcow2 q.qcow2
+        qemu-img create -q -f qcow2 x.qcow2 4M
+        qemu-io -c "write -P 1 0 64k" x.qcow2 > /dev/null
+        if [ $kind = past-eof ]; then
+            patch x.qcow2 48 Q $((256 << 20))              # refcount_table_offset
+        else
+            patch x.qcow2 48 Q 0; patch x.qcow2 56 I 0     # ... and _clusters
+        fi
+        cp x.qcow2 q.qcow2
+        run -1 nbdkit -U - "$PLUGIN" file="$PWD/x.qcow2" --run true
+        if [ $kind = past-eof ]; then
+            [[ "$output" == *"refcount_table_offset (refcount table) 0x10000000"*"past the end of the file"* ]] ||
+                { echo "$output"; return 1; }
+        else
+            [[ "$output" == *"refcount_table_clusters is 0"* ]] || { echo "$output"; return 1; }
+        fi
+        same_check_status x.qcow2
+        [ "$check_status" -eq 2 ]
+        [[ "$output" == *"ERROR cluster 0 refcount=0 reference=1"* ]]
+        # -r leaks cannot repair lost refcounts: it gives up as qemu-img does.
+        run -1 "$TOOL" check -r leaks x.qcow2
+        [[ "$output" == *"need to rebuild refcount structures"* ]]
+        run -0 "$TOOL" check -r all x.qcow2
+        [[ "$output" == *"Rebuilding refcount structure"* ]]
+        qemu-img check x.qcow2
+        run -0 qemu-io -c "read -P 1 0 64k" x.qcow2
+        [[ "$output" != *"verification failed"* ]]
+        qemu-img check -q -r all q.qcow2
+        qemu-img compare x.qcow2 q.qcow2
+    done
 }
 
 @test "tool check: -r all does not count what it could not repair (an invalid subcluster bitmap) as fixed" {
