@@ -446,10 +446,11 @@ struct q2_l2_decoded {
   uint64_t host_offset;  /* cluster-aligned, or compressed byte offset */
   uint64_t csize;
 };
-/* Decodes subcluster sc (0 when !extended_l2) of an entry.  Returns
- * -EIO with a message for an invalid entry. */
+/* Decodes subcluster sc (0 when !extended_l2) of the entry of guest
+ * cluster gc.  Returns -EIO with a message for an invalid entry. */
 int q2_decode_l2 (const struct q2_image *img, uint64_t entry,
-                  uint64_t bitmap, unsigned sc, struct q2_l2_decoded *d);
+                  uint64_t bitmap, unsigned sc, uint64_t gc,
+                  struct q2_l2_decoded *d);
 /* An L2 entry with an unaligned host offset that holds no data (the
  * zero flag, or with extended L2 no allocated subcluster): QEMU's
  * repair drops the offset, so it references nothing. */

@@ -13,7 +13,7 @@
 
 int
 q2_decode_l2 (const struct q2_image *img, uint64_t entry, uint64_t bitmap,
-              unsigned sc, struct q2_l2_decoded *d)
+              unsigned sc, uint64_t gc, struct q2_l2_decoded *d)
 {
   uint64_t host;
   bool allocated;
@@ -53,6 +53,13 @@ q2_decode_l2 (const struct q2_image *img, uint64_t entry, uint64_t bitmap,
   /* With an external data file offset 0 is valid; COPIED disambiguates. */
   allocated = host != 0 ||
     (img->data_fd != img->fd && (entry & QCOW_OFLAG_COPIED));
+  /* A data file holds each guest cluster at its own offset; another
+   * offset would read or zero some other cluster's data (QEMU: EIO). */
+  if (allocated && img->data_fd != img->fd && host != gc)
+    return q2_err (EIO, "L2 entry %#llx maps guest cluster %#llx to "
+                   "external data file offset %#llx; it must be the same "
+                   "offset", (unsigned long long) entry,
+                   (unsigned long long) gc, (unsigned long long) host);
   d->host_offset = host;
   d->copied = allocated && (entry & QCOW_OFLAG_COPIED);
 
@@ -248,7 +255,8 @@ map_locked (struct q2_image *img, uint64_t offset, uint64_t max_len,
     uint64_t in_cluster = pos & (img->cluster_size - 1);
     struct q2_l2_decoded d;
 
-    r = q2_decode_l2 (img, entry, bitmap, sc, &d);
+    r = q2_decode_l2 (img, entry, bitmap, sc,
+                      Q2_ROUND_DOWN (pos, img->cluster_size), &d);
     if (r < 0) {
       if (!first)
         break;                  /* report the good run first */

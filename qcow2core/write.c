@@ -163,7 +163,8 @@ q2_release_entry (struct q2_image *img, uint64_t entry)
 
   if (has_data_file (img))
     return 0;                   /* data clusters are not refcounted */
-  if ((r = q2_decode_l2 (img, entry, 0, 0, &d)) < 0)
+  /* No data file here, so the guest offset is not needed. */
+  if ((r = q2_decode_l2 (img, entry, 0, 0, 0, &d)) < 0)
     return 0;                   /* bitmap errors do not matter here */
   if (d.type == Q2_COMPRESSED)
     return q2_free_later (img, d.host_offset, d.csize);
@@ -320,7 +321,7 @@ plan_write (struct q2_image *img, uint64_t gc, uint64_t a, uint64_t b,
     return r;
   w->old_entry = entry;
   /* Invalid entries found while writing mean corruption. */
-  if (q2_decode_l2 (img, entry, bitmap, 0, &d) < 0)
+  if (q2_decode_l2 (img, entry, bitmap, 0, gc, &d) < 0)
     return q2_mark_corrupt (img, "L2 entry for guest offset %#llx: %s",
                             (unsigned long long) gc, q2_last_error ());
   compressed = d.type == Q2_COMPRESSED;

@@ -50,7 +50,7 @@ read_state (struct q2_image *img, uint64_t gc, bool for_write,
 
   if (r < 0)
     return r;
-  if (s->l2 && q2_decode_l2 (img, s->entry, s->bitmap, 0, &d) < 0)
+  if (s->l2 && q2_decode_l2 (img, s->entry, s->bitmap, 0, gc, &d) < 0)
     return q2_mark_corrupt (img, "L2 entry for guest offset %#llx: %s",
                             (unsigned long long) gc, q2_last_error ());
   if (s->l2 == 0)
@@ -85,7 +85,7 @@ already_zero (struct q2_image *img, uint64_t gc, uint64_t a, uint64_t b)
   }
   for (sc = first; sc <= last; sc++) {
     struct q2_l2_decoded d;
-    if (q2_decode_l2 (img, entry, bitmap, sc, &d) < 0)
+    if (q2_decode_l2 (img, entry, bitmap, sc, gc, &d) < 0)
       return false;
     if (d.type != Q2_ZERO && !(d.type == Q2_UNALLOC && !below))
       return false;

@@ -498,6 +498,37 @@ h.flush()'
     qcheck "$img"
 }
 
+@test "(l) external data file: an L2 entry mapping a guest cluster to another cluster's offset is corruption (EIO), not a way to zero someone else's data" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    local data="$BATS_TEST_TMPDIR/t.data"
+    qemu-img create -q -f qcow2 -o data_file="$data" "$img" 1M
+    qio "$img" -c 'write -P 0xaa 0 64k' -c 'write -P 0xbb 64k 64k' -c 'write -P 0xcc 128k 64k'
+    # Swap the L2 entries of guest clusters 0 and 1 (QEMU: EIO, corrupt).
+    /usr/bin/python3 - "$img" <<'EOF'
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(40); l1 = struct.unpack(">Q", f.read(8))[0]
+    f.seek(l1); l2 = struct.unpack(">Q", f.read(8))[0] & ((1 << 56) - 512)
+    f.seek(l2); a, b = struct.unpack(">QQ", f.read(16))
+    f.seek(l2); f.write(struct.pack(">QQ", b, a))
+EOF
+    start_nbdkit "$PLUGIN" file="$img"
+    PATH=/usr/bin:$PATH nbdsh -u "$uri" -c '
+import errno
+for op in (lambda: h.pread(4, 0), lambda: h.pread(4, 65536),
+           lambda: h.zero(65536, 0), lambda: h.pwrite(b"x" * 512, 512)):
+    try:
+        op()
+        raise SystemExit("an operation on a swapped cluster succeeded")
+    except nbd.Error as e:
+        assert e.errnum == errno.EIO, e.string
+assert h.pread(65536, 131072) == b"\xcc" * 65536'
+    stop_nbdkit
+    # The data file is untouched; the write marked the image corrupt.
+    cmp <(head -c 65536 "$data") <(head -c 65536 /dev/zero | tr '\0' '\252')
+    cmp <(tail -c +65537 "$data" | head -c 65536) <(head -c 65536 /dev/zero | tr '\0' '\273')
+    qemu-img info "$img" | grep -q 'corrupt: true'
+}
 @test "(m) memory: idle threads keep no cluster-sized buffers (2M clusters, 16 copy-on-writes in flight)" {
     [ "${SANITIZE:-}" != 1 ] || skip "RSS is meaningless under ASan"
     base="$BATS_TEST_TMPDIR/base.qcow2"

@@ -32,13 +32,17 @@ img_setup (struct q2_image *img, uint32_t cluster_bits, uint64_t incompat)
 }
 
 /* Decodes and returns the result; d is filled with a sentinel first so
- * that stale values are caught. */
+ * that stale values are caught.  The entry is taken as guest cluster
+ * guest_of(entry)'s: the one a data file requires. */
+static uint64_t guest_delta;
+
 static int
 decode (const struct q2_image *img, uint64_t entry, uint64_t bitmap,
         unsigned sc, struct q2_l2_decoded *d)
 {
   memset (d, 0xa5, sizeof *d);
-  return q2_decode_l2 (img, entry, bitmap, sc, d);
+  return q2_decode_l2 (img, entry, bitmap, sc,
+                       (entry & L2E_OFFSET_MASK & ~511ULL) + guest_delta, d);
 }
 
 static void
@@ -393,6 +397,15 @@ test_data_file (void)
   expect (&img, QCOW_OFLAG_ZERO | QCOW_OFLAG_COPIED, 0, 0, Q2_ZERO, 0);
   expect (&img, QCOW_OFLAG_ZERO, 0, 0, Q2_ZERO, 0);
   expect_eio (&img, QCOW_OFLAG_COPIED | 0x30200, 0, 0, "aligned");
+  /* Another guest cluster's offset: refused, as QEMU does. */
+  guest_delta = 0x10000;
+  expect_eio (&img, QCOW_OFLAG_COPIED | 0x30000, 0, 0, "same offset");
+  expect_eio (&img, QCOW_OFLAG_COPIED, 0, 0, "same offset");
+  expect_eio (&img, QCOW_OFLAG_ZERO | QCOW_OFLAG_COPIED | 0x30000, 0, 0,
+              "same offset");
+  expect (&img, QCOW_OFLAG_ZERO, 0, 0, Q2_ZERO, 0);    /* nothing mapped */
+  expect (&img, 0, 0, 0, Q2_UNALLOC, 0);
+  guest_delta = 0;
 
   /* With extended L2 too: offset 0 + COPIED is an allocated cluster, so
    * the alloc bits are valid. */
