@@ -282,8 +282,10 @@ layer_status (struct q2_image *img, uint64_t offset, uint64_t len,
     if ((r = q2_prealloc_state (img)) < 0)
       return r;
     if (r) {
+      /* Writes grow a data file without updating a size kept for it:
+       * its holes and end are asked of the file itself. */
       q2_host_status (img->data_fd, img->data_fd == img->fd ?
-                      img->file_size : img->data_file_size, m.host_offset,
+                      img->file_size : UINT64_MAX, m.host_offset,
                       m.length, &data, run);
       *flags = data ? 0 : Q2_EXTENT_ZERO;
     }

@@ -498,6 +498,31 @@ h.flush()'
     qcheck "$img"
 }
 
+@test "(l) external data file shorter than the disk at open: block status reports data written past its old end as data (nbdcopy keeps it)" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    local data="$BATS_TEST_TMPDIR/t.data"
+    qemu-img create -q -f qcow2 -o data_file="$data" "$img" 4M
+    truncate -s 0 "$data"
+    # A sparse metadata file: block status then asks the data file for
+    # its holes, as QEMU does for a metadata-preallocated image.
+    cp --sparse=always "$img" "$img.s" && mv "$img.s" "$img"
+    start_nbdkit "$PLUGIN" file="$img"
+    PATH=/usr/bin:$PATH nbdsh -u "$uri" -c 'h.pwrite(b"\x5a" * 65536, 1 << 20)'
+    run -0 nbdinfo --map --json "$uri"
+    echo "$output" | /usr/bin/python3 -c '
+import json, sys
+for e in json.load(sys.stdin):
+    if e["offset"] <= (1 << 20) < e["offset"] + e["length"]:
+        assert e["type"] == 0, e
+        break
+else:
+    raise SystemExit("no extent at 1 MiB")'
+    nbdcopy "$uri" "$BATS_TEST_TMPDIR/copy.raw"
+    stop_nbdkit
+    cmp -i 1048576:0 -n 65536 "$BATS_TEST_TMPDIR/copy.raw" <(head -c 65536 /dev/zero | tr '\0' '\132')
+    qcheck "$img"
+}
+
 @test "(l) external data file: an L2 entry mapping a guest cluster to another cluster's offset is corruption (EIO), not a way to zero someone else's data" {
     img="$BATS_TEST_TMPDIR/t.qcow2"
     local data="$BATS_TEST_TMPDIR/t.data"
