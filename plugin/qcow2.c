@@ -386,16 +386,28 @@ qcow2_flush (void *handle, uint32_t flags)
   return r < 0 ? core_error (r) : 0;
 }
 
+/* nbdkit keeps at most 1M extents per reply and drops the rest, so a
+ * walk over a badly fragmented range stops well before that (as
+ * qemu-nbd does at 128K): the client asks again where the reply ends. */
+#define MAX_EXTENT_CALLS (128 * 1024)
+
+struct extents_walk {
+  struct nbdkit_extents *extents;
+  uint32_t calls;
+};
+
 static int
 add_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
 {
-  struct nbdkit_extents *extents = opaque;
+  struct extents_walk *w = opaque;
 
   if (qcow2_debug_extents)
     nbdkit_debug ("extent %" PRIu64 "+%" PRIu64 " flags %u",
                   offset, length, flags);
   /* A positive value stops the walk and cannot be mistaken for -errno. */
-  return nbdkit_add_extent (extents, offset, length, flags) == -1 ? 1 : 0;
+  if (nbdkit_add_extent (w->extents, offset, length, flags) == -1)
+    return 1;
+  return ++w->calls >= MAX_EXTENT_CALLS ? 2 : 0;
 }
 
 static int
@@ -403,11 +415,12 @@ qcow2_extents (void *handle, uint32_t count, uint64_t offset, uint32_t flags,
                struct nbdkit_extents *extents)
 {
   struct handle *h = handle;
+  struct extents_walk w = { .extents = extents };
   int r = q2_extents (h->img, offset, count,
                       flags & NBDKIT_FLAG_REQ_ONE,
-                      add_extent, extents);
+                      add_extent, &w);
 
-  if (r > 0)
+  if (r == 1)
     return -1;                  /* nbdkit_add_extent already reported it */
   return r < 0 ? core_error (r) : 0;
 }

@@ -848,3 +848,41 @@ for i in range(20):
     qcheck "$img"
     qio "$img" -c 'read -P 0x33 50G 512' -c 'read -P 0x11 0 64k'
 }
+
+@test "(y) block status over a badly fragmented range stops at 128K extents, and the client carries on from there" {
+    # 1 GiB, extended L2, every cluster with alternating data and zero
+    # subclusters: 512K extents of 2 KiB.  nbdkit keeps at most 1M per
+    # reply and drops the rest, so walking further only costs time.
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 -o extended_l2=on "$img" 1G
+    qio "$img" -c 'write -P 7 0 64k' -c 'write -P 7 256M 64k' \
+        -c 'write -P 7 512M 64k' -c 'write -P 7 768M 64k'
+    /usr/bin/python3 - "$img" <<'PY'
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(40); l1off = struct.unpack(">Q", f.read(8))[0]
+    f.seek(l1off); l1 = struct.unpack(">4Q", f.read(32))
+    f.seek(l1[0] & 0x00fffffffffffe00)
+    host = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+    # Every entry shares one host cluster: read-only use only.
+    ent = struct.pack(">QQ", host | (1 << 63), (0xaaaaaaaa << 32) | 0x55555555)
+    for e in l1:
+        f.seek(e & 0x00fffffffffffe00); f.write(ent * 4096)
+PY
+    start_nbdkit "$PLUGIN" -r file="$img"
+    PATH=/usr/bin:$PATH nbdsh --base-allocation -u "$uri" -c '
+got = []
+def cb(meta, off, ents, err):
+    got.append(ents)
+    return 0
+h.block_status(1 << 30, 0, cb)
+e = got[-1]
+n = len(e) // 2
+assert 1 <= n <= 128 * 1024, n
+assert all(e[i] == 2048 for i in range(0, len(e), 2)), "extent lengths"
+assert [e[i] for i in range(1, 8, 2)] == [0, 3, 0, 3], e[:8]
+end = sum(e[0::2])
+assert end < (1 << 30), end
+h.block_status(4096, end, cb)
+assert got[-1][0] == 2048 and got[-1][1] == (0 if (end // 2048) % 2 == 0 else 3), got[-1][:4]'
+}
