@@ -16,7 +16,6 @@
 
 /* Past this many queued frees, flush early to bound memory. */
 #define MAX_PENDING_FREES (1u << 20)
-#define MAX_LEAKED_PAST_EOF 65536
 
 static uint32_t
 per_block_log (const struct q2_image *img)

@@ -96,6 +96,10 @@ void q2_unlock_image (int fd);
 #define QCOW2_MAX_BACKING_NAME 1023
 #define QCOW2_MAX_SNAPSHOTS 65536
 #define QCOW2_MAX_HOST_OFFSET ((1ULL << 56) - 1)
+/* Clusters past the end of the file that still have a refcount: a crash
+ * between a refcount update and the cluster's first write leaves a few.
+ * New clusters go around them; more than this means a damaged table. */
+#define MAX_LEAKED_PAST_EOF 65536
 
 #define QCOW2_INCOMPAT_DIRTY (1ULL << 0)
 #define QCOW2_INCOMPAT_CORRUPT (1ULL << 1)

@@ -113,7 +113,8 @@ q2_max_refcount (const struct q2_image *img)
 }
 
 static int write_zero_cluster (struct q2_image *img, uint64_t offset);
-static int grow_reftable (struct q2_image *img, uint64_t need_rt);
+static int grow_reftable (struct q2_image *img, uint64_t need_rt,
+                          uint64_t avoid);
 
 /* Puts a new, zeroed refcount block for table index rt_index at a free
  * cluster of the range it describes (so it describes itself), avoiding
@@ -130,7 +131,7 @@ create_refblock (struct q2_image *img, uint64_t rt_index, uint64_t avoid)
   int r;
 
   if (rt_index >= img->reftable_entries) {
-    if ((r = grow_reftable (img, rt_index)) < 0)
+    if ((r = grow_reftable (img, rt_index, avoid)) < 0)
       return r;
     if (img->reftable[rt_index] != 0)
       return 0;                 /* the growth created it */
@@ -280,12 +281,13 @@ q2_install_reftable (struct q2_image *img, uint64_t *table, uint64_t entries,
   return 0;
 }
 
-/* Moves the refcount table to a bigger area at the end of the file.
+/* Moves the refcount table to a bigger area at the end of the file,
+ * clear of cluster 'avoid' (the one whose refcount is being changed).
  * The new table and the refcount blocks that describe it are written
  * and synced before the header points at them, and the old table is
  * freed only after that: a crash leaks at worst. */
 static int
-grow_reftable (struct q2_image *img, uint64_t need_rt)
+grow_reftable (struct q2_image *img, uint64_t need_rt, uint64_t avoid)
 {
   uint32_t pbl = per_block_log (img);
   uint64_t cs = img->cluster_size;
@@ -299,6 +301,7 @@ grow_reftable (struct q2_image *img, uint64_t need_rt)
   if ((r = q2_flush_refcounts (img)) < 0)
     return r;
   start = (img->file_size + cs - 1) / cs;
+ place:
   entries = Q2_MAX (need_rt + 1, img->reftable_entries * 3 / 2);
   for (;;) {
     entries = Q2_ROUND_UP (entries, cs / 8);
@@ -319,6 +322,25 @@ grow_reftable (struct q2_image *img, uint64_t need_rt)
     if (((end - 1) >> pbl) < entries)
       break;
     entries = ((end - 1) >> pbl) + 1;
+  }
+  /* The region must not count a cluster twice: not the one being
+   * updated (the caller counts it), nor leaked ones past the end of the
+   * file that a crash left (1-bit refcounts would overflow). */
+  for (c = start; c < end; c++) {
+    uint64_t rc = c == avoid;
+    rt = c >> pbl;
+    if (rc == 0 && rt < img->reftable_entries && img->reftable[rt] != 0 &&
+        (r = q2_refcount_get (img, c, &rc)) < 0)
+      return r;
+    if (rc == 0)
+      continue;
+    if (c + 1 - (img->file_size + cs - 1) / cs > MAX_LEAKED_PAST_EOF)
+      return q2_mark_corrupt (img, "more than %d clusters past the end of "
+                              "the file have a refcount (cluster %llu: "
+                              "%llu)", MAX_LEAKED_PAST_EOF,
+                              (unsigned long long) c, (unsigned long long) rc);
+    start = c + 1;
+    goto place;
   }
 
   table = calloc (entries, sizeof *table);

@@ -886,3 +886,44 @@ assert end < (1 << 30), end
 h.block_status(4096, end, cb)
 assert got[-1][0] == 2048 and got[-1][1] == (0 if (end // 2048) % 2 == 0 else 3), got[-1][:4]'
 }
+
+@test "(z) refcount_bits=1: the refcount table grows around the cluster being counted and around leaked clusters past the end of the file" {
+    # 512-byte clusters: the one-cluster refcount table covers 128 MiB of
+    # file.  QEMU fills the file to 8 clusters short of that; our next
+    # writes must grow the table.  Growth used to place it over the
+    # cluster being allocated, or over leaked refcounts past the end of
+    # the file (what a crash with allocations in flight leaves), and
+    # count them twice: 1-bit refcounts overflowed and every allocating
+    # write failed with EIO.
+    local base="$BATS_TEST_TMPDIR/base.qcow2" leaks
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=1 "$base" 256M
+    qio "$base" -c 'write -P 1 0 124M' -c 'write -P 2 124M 1980k'
+    for leaks in 0 8; do
+        cp "$base" "$img"
+        /usr/bin/python3 - "$img" "$leaks" <<'PY'
+import os, struct, sys
+p, n = sys.argv[1], int(sys.argv[2])
+first = os.path.getsize(p) // 512
+with open(p, "r+b") as f:
+    f.seek(48); rto = struct.unpack(">Q", f.read(8))[0]
+    for c in range(first, first + n):     # refcount 1, no data
+        f.seek(rto + (c // 4096) * 8)
+        blk = struct.unpack(">Q", f.read(8))[0] & ~0x1ff
+        f.seek(blk + (c % 4096) // 8); b = f.read(1)[0]
+        f.seek(blk + (c % 4096) // 8); f.write(bytes([b | (1 << (c % 8))]))
+PY
+        start_nbdkit "$PLUGIN" file="$img"
+        PATH=/usr/bin:$PATH nbdsh -u "$uri" -c '
+h.pwrite(b"\x07" * 4096, 200 << 20)
+h.pwrite(b"\x08" * 4096, 210 << 20)
+h.flush()'
+        stop_nbdkit
+        run qemu-img check "$img"
+        [[ "$output" == *"$leaks leaked clusters were found"* || ( $leaks = 0 && "$output" == *"No errors were found"* ) ]] ||
+            { echo "$output" | head >&3; false; }
+        [[ "$output" != *ERROR* ]]
+        qio "$img" -c 'read -P 7 200M 4k' -c 'read -P 8 210M 4k' -c 'read -P 2 124M 1980k' \
+            -c 'read -P 1 123M 1M'
+    done
+}
