@@ -14,8 +14,12 @@
 
 #include "internal.h"
 
-/* Past this many queued frees, flush early to bound memory. */
+/* Past this many queued frees, flush early to bound memory; past this
+ * many queued bytes (or a quarter of the file), to bound disk use: a
+ * client that trims and rewrites without flushing would otherwise grow
+ * the file without end, since freed clusters wait for the flush. */
 #define MAX_PENDING_FREES (1u << 20)
+#define MIN_PENDING_FREE_BYTES (64ULL << 20)
 
 static uint32_t
 per_block_log (const struct q2_image *img)
@@ -124,7 +128,10 @@ q2_free_later (struct q2_image *img, uint64_t offset, uint64_t length)
   if ((r = q2_push_range (&img->pending_free, &img->nb_pending_free,
                           &img->cap_pending_free, offset, length)) < 0)
     return r;
-  if (img->nb_pending_free >= MAX_PENDING_FREES)
+  img->pending_free_bytes += length;
+  if (img->nb_pending_free >= MAX_PENDING_FREES ||
+      img->pending_free_bytes > Q2_MAX (MIN_PENDING_FREE_BYTES,
+                                        img->file_size / 4))
     return q2_flush_locked (img);
   return 0;
 }
@@ -204,6 +211,7 @@ q2_apply_pending_frees (struct q2_image *img)
     return r;
   }
   img->nb_pending_free = 0;
+  img->pending_free_bytes = 0;
   return 0;
 }
 

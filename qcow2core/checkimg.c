@@ -235,7 +235,7 @@ check_l2 (struct pass *p, const char *where, uint64_t l1_index,
       continue;
     }
     host = entry & L2E_OFFSET_MASK;
-    if (host == 0 && !(data_file && (entry & QCOW_OFLAG_COPIED)))
+    if (host == 0 && !d.copied)          /* unallocated, as decoded */
       continue;
     p->allocated++;
     if (next_contiguous && host != next_contiguous)

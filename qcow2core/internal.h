@@ -326,6 +326,7 @@ struct q2_image {
    * references are on disk (at flush), so a crash can only leak. */
   struct q2_range *pending_free;
   size_t nb_pending_free, cap_pending_free;
+  uint64_t pending_free_bytes;  /* about: bounds disk use between flushes */
   uint8_t *zero_buf;            /* one cluster of zeros, never written */
   /* Hash set of the clusters of active L2 tables and refcount blocks,
    * for overlap checks (meta.c); updated as tables move, rebuilt when

@@ -50,9 +50,12 @@ q2_decode_l2 (const struct q2_image *img, uint64_t entry, uint64_t bitmap,
   if (!Q2_IS_ALIGNED (host, img->cluster_size))
     return q2_err (EIO, "L2 entry %#llx: host offset is not aligned to "
                    "the cluster size", (unsigned long long) entry);
-  /* With an external data file offset 0 is valid; COPIED disambiguates. */
+  /* With an external data file offset 0 is valid; COPIED disambiguates,
+   * except under the zero flag, which makes offset 0 a plain zero
+   * cluster whatever COPIED says (as QEMU reads it). */
   allocated = host != 0 ||
-    (img->data_fd != img->fd && (entry & QCOW_OFLAG_COPIED));
+    (img->data_fd != img->fd && (entry & QCOW_OFLAG_COPIED) &&
+     (img->extended_l2 || !(entry & QCOW_OFLAG_ZERO)));
   /* A data file holds each guest cluster at its own offset; another
    * offset would read or zero some other cluster's data (QEMU: EIO). */
   if (allocated && img->data_fd != img->fd && host != gc)
