@@ -17,6 +17,7 @@
 #define DEFAULT_L2_CACHE_MAX (32ULL << 20)
 #define REFBLOCK_CACHE_SLOTS 64
 #define MIN_L2_SLOTS 16
+#define MAX_L2_SLOTS (64u << 20)   /* 256 GiB of 4 KiB slices */
 
 /* Metadata is cached in slices no larger than this. */
 static uint32_t
@@ -122,8 +123,9 @@ l2_cache_slots (const struct q2_image *img, uint64_t l2_cache_size,
     return Q2_MAX (bytes / slice, MIN_L2_SLOTS);
   }
   bytes = Q2_MIN (bytes / slice, all);
-  if (bytes > UINT32_MAX / 4)
-    bytes = UINT32_MAX / 4;
+  /* The slot array is reserved up front (address space only). */
+  if (bytes > MAX_L2_SLOTS)
+    bytes = MAX_L2_SLOTS;
   return Q2_MAX (bytes, 2);
 }
 

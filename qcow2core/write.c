@@ -207,8 +207,9 @@ cow_source (struct q2_image *img, uint64_t off, uint64_t len,
 }
 
 /* Zeroes a host range without writing a buffer when the file system
- * can: ZERO_RANGE, else a hole where Q2_HOST_PUNCH_OK allows one.
- * With Q2_HOST_FAST it fails with ENOTSUP rather than write zeros. */
+ * can: a hole where Q2_HOST_PUNCH_OK allows one (it gives the space
+ * back, as a trim should), else ZERO_RANGE.  With Q2_HOST_FAST it
+ * fails with ENOTSUP rather than write zeros. */
 int
 q2_zero_host (struct q2_image *img, int fd, uint64_t offset, uint64_t len,
               unsigned flags)
@@ -217,11 +218,11 @@ q2_zero_host (struct q2_image *img, int fd, uint64_t offset, uint64_t len,
 
   if (len == 0)
     return 0;
-  if (fallocate (fd, FALLOC_FL_ZERO_RANGE, offset, len) == 0)
-    return 0;
   if ((flags & Q2_HOST_PUNCH_OK) &&
       fallocate (fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                  offset, len) == 0)
+    return 0;
+  if (fallocate (fd, FALLOC_FL_ZERO_RANGE, offset, len) == 0)
     return 0;
   if (flags & Q2_HOST_FAST)
     return q2_err (ENOTSUP, "the file system cannot zero %#llx+%llu "

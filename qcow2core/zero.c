@@ -124,7 +124,7 @@ whole_subclusters (const struct q2_image *img, uint64_t gc, uint64_t a,
 
 /* How an external data file is zeroed under a guest range: a raw one
  * must read zeros too.  A hole is fine unless the client said NO_HOLE;
- * FAST_ZERO must fail before anything changes, and the data file is
+ * FAST_ZERO must fail before any data changes, and the data file is
  * zeroed before the L2 entry, so failing here changes nothing. */
 static unsigned
 data_zero_flags (bool may_trim, bool fast)

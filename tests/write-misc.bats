@@ -523,6 +523,26 @@ else:
     qcheck "$img"
 }
 
+@test "(l) a raw external data file: a trim gives its space back and it reads zeros there" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    local data="$BATS_TEST_TMPDIR/t.data" before after
+    qemu-img create -q -f qcow2 -o data_file="$data",data_file_raw=on "$img" 16M
+    qemu-io -f raw -c 'write -P 0x33 0 16M' "$data" > /dev/null
+    sync "$data"
+    before=$(du -k "$data" | cut -f1)
+    start_nbdkit "$PLUGIN" file="$img"
+    PATH=/usr/bin:$PATH nbdsh -u "$uri" -c 'h.trim(8 << 20, 4 << 20); h.flush()
+assert h.pread(8 << 20, 4 << 20) == bytes(8 << 20)'
+    stop_nbdkit
+    sync "$data"
+    after=$(du -k "$data" | cut -f1)
+    echo "# data file: $before KiB before the trim, $after KiB after" >&3
+    [ "$after" -le $((before - 7 * 1024)) ]
+    cmp -i $((4 << 20)) -n $((8 << 20)) "$data" /dev/zero
+    qcheck "$img"
+    qio "$img" -c 'read -P 0x33 0 4M' -c 'read -P 0 4M 8M' -c 'read -P 0x33 12M 4M'
+}
+
 @test "(l) external data file: an L2 entry mapping a guest cluster to another cluster's offset is corruption (EIO), not a way to zero someone else's data" {
     img="$BATS_TEST_TMPDIR/t.qcow2"
     local data="$BATS_TEST_TMPDIR/t.data"
@@ -698,6 +718,16 @@ except nbd.Error as e:
     rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$(cat "$pidfile")/status")
     stop_nbdkit
     [ "$rss" -lt 65536 ] || { echo "100G, l2-cache-size=4G: RSS $rss kB" >&3; false; }
+    qcheck "$img"
+    # A limit far beyond any memory (1 EiB disk, 4T of cache): slots are
+    # capped, so the image still opens (it failed "out of memory").
+    rm -f "$img"
+    qemu-img create -q -f qcow2 -o cluster_size=2M "$img" 1E
+    Q2_QUIET=1 start_nbdkit "$PLUGIN" file="$img" l2-cache-size=4T
+    nbdsh -u "$uri" -c 'h.pwrite(b"x" * 512, 1 << 50); assert h.pread(1, 1 << 50) == b"x"'
+    rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$(cat "$pidfile")/status")
+    stop_nbdkit
+    [ "$rss" -lt 65536 ] || { echo "1E, l2-cache-size=4T: RSS $rss kB" >&3; false; }
     qcheck "$img"
 }
 

@@ -16,7 +16,7 @@
 #include "unit.h"
 
 #define SLICE 4096u
-#define NSLICES 64u
+#define NSLICES 256u
 
 static int fd = -1;
 static char path[] = "/tmp/q2-test-cache-XXXXXX";
@@ -133,33 +133,44 @@ test_lru_order (void)
   q2_cache_free (c);
 }
 
-/* Random accesses against a model LRU of the same capacity. */
+/* Random accesses and discards against a model LRU of the same
+ * capacity.  Capacities past 32 make the hash grow while in use. */
 static void
-test_lru_model (void)
+lru_model (unsigned cap)
 {
-  enum { CAP = 8 };
-  struct q2_cache *c = q2_cache_new (SLICE, CAP, writeback, &(struct wb_log) { 0 });
-  unsigned model[CAP], n = 0, step, mismatches = 0;
-  uint64_t gen = 100, rs = 12345;
+  struct q2_cache *c = q2_cache_new (SLICE, cap, writeback, &(struct wb_log) { 0 });
+  unsigned model[NSLICES], n = 0, step, mismatches = 0;
+  uint64_t gen = 100, rs = 12345 + cap;
 
   CHECK (c != NULL);
   if (!c)
     return;
+  unit_context ("capacity %u", cap);
   write_all (gen);
-  for (step = 0; step < 3000; step++) {
-    unsigned k, i, pos = CAP;
+  for (step = 0; step < 20000; step++) {
+    unsigned k, i, pos = cap;
     bool model_hit;
     uint64_t g;
 
     rs = rs * 6364136223846793005ULL + 1442695040888963407ULL;
-    /* Skewed towards low slices so that hits happen. */
-    k = (rs >> 33) % ((rs >> 20) % 2 ? 12 : NSLICES);
+    /* Skewed towards a hot set a bit bigger than the cache. */
+    k = (rs >> 33) % ((rs >> 20) % 2 ? Q2_MIN (cap + cap / 2 + 2, NSLICES)
+                      : NSLICES);
     for (i = 0; i < n; i++)
       if (model[i] == k)
         pos = i;
-    model_hit = pos < CAP;
+    if ((rs >> 40) % 16 == 0) {
+      /* Discard: gone from the cache, its slot reused before any other. */
+      if (pos < cap) {
+        memmove (model + pos, model + pos + 1, (n - pos - 1) * sizeof model[0]);
+        n--;
+      }
+      q2_cache_discard (c, OFF (k), SLICE);
+      continue;
+    }
+    model_hit = pos < cap;
     if (!model_hit)
-      pos = n < CAP ? n++ : CAP - 1;   /* new, or evict the last */
+      pos = n < cap ? n++ : cap - 1;   /* new, or evict the last */
     memmove (model + 1, model, pos * sizeof model[0]);
     model[0] = k;
 
@@ -172,7 +183,18 @@ test_lru_model (void)
     }
   }
   CHECK_EQ_U64 (mismatches, 0);
+  unit_context (NULL);
   q2_cache_free (c);
+}
+
+static void
+test_lru_model (void)
+{
+  static const unsigned caps[] = { 2, 8, 33, 64, 100, 200 };
+  unsigned i;
+
+  for (i = 0; i < sizeof caps / sizeof caps[0]; i++)
+    lru_model (caps[i]);
 }
 
 static void
