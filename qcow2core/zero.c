@@ -325,14 +325,11 @@ trim_locked (struct q2_image *img, uint64_t offset, uint64_t len)
 /* Zero (discard false) or trim under the exclusive lock, once no
  * cluster is being written outside it. */
 static int
-zero_or_trim (struct q2_image *img, uint64_t count, uint64_t offset,
-              bool discard, bool may_trim, bool fast, bool fua)
+zero_or_trim_locked (struct q2_image *img, uint64_t count, uint64_t offset,
+                     bool discard, bool may_trim, bool fast, bool fua)
 {
   int r;
 
-  if (offset > img->virtual_size || count > img->virtual_size - offset)
-    return q2_err (ENOSPC, "%s beyond the end of the disk",
-                   discard ? "trim" : "zero");
   pthread_rwlock_wrlock (&img->io_lock);
   q2_wait_no_inflight_locked (img);
   r = q2_prepare_write (img);
@@ -346,6 +343,33 @@ zero_or_trim (struct q2_image *img, uint64_t count, uint64_t offset,
   pthread_rwlock_unlock (&img->io_lock);
   q2_scratch_trim ();
   return r;
+}
+
+/* A huge request goes in slices ending on cluster boundaries, so that
+ * other connections are served in between: zeroing may have to write
+ * (a v2 image over a backing file), which held every reader off for
+ * seconds.  FAST_ZERO goes in one piece, as it must fail before
+ * changing anything, and it never writes data. */
+#define ZERO_SLICE (256ULL << 20)
+
+static int
+zero_or_trim (struct q2_image *img, uint64_t count, uint64_t offset,
+              bool discard, bool may_trim, bool fast, bool fua)
+{
+  if (offset > img->virtual_size || count > img->virtual_size - offset)
+    return q2_err (ENOSPC, "%s beyond the end of the disk",
+                   discard ? "trim" : "zero");
+  for (;;) {
+    uint64_t n = fast ? count :
+      Q2_MIN (count, Q2_ROUND_DOWN (offset + ZERO_SLICE, img->cluster_size)
+              - offset);
+    int r = zero_or_trim_locked (img, n, offset, discard, may_trim, fast,
+                                 fua && n == count);
+    if (r < 0 || n == count)
+      return r;
+    offset += n;
+    count -= n;
+  }
 }
 
 int

@@ -1004,3 +1004,29 @@ h.flush()' >&3
     qcheck "$img"
     qio "$img" -c "read -P $((299 % 256)) 0 1M"
 }
+
+@test "(zb) a huge zero that has to write (v2 over a backing file) lets other connections in between slices" {
+    # v2 has no zero flag: over a backing file the zeros are written.  The
+    # request used to hold the image lock exclusively from start to end,
+    # so a read on another connection waited for all of it.
+    local base="$BATS_TEST_TMPDIR/base.qcow2"
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    qemu-img create -q -f qcow2 -o compat=0.10 "$base" 4G
+    qemu-img create -q -f qcow2 -o compat=0.10 -b "$base" -F qcow2 "$img"
+    Q2_QUIET=1 start_nbdkit "$PLUGIN" file="$img"
+    PATH=/usr/bin:$PATH nbdsh -u "$uri" -c '
+h2 = nbd.NBD()
+h2.connect_uri(h.get_uri())
+c = h.aio_zero(2 << 30, 0, flags=nbd.CMD_FLAG_NO_HOLE)
+n = 0
+while not h.aio_command_completed(c):
+    h2.pread(4096, 3 << 30)
+    n += 1
+    h.poll(0)
+print("# reads on another connection during the zero:", n)
+assert n >= 3, n
+assert h.pread(4096, 1 << 30) == bytes(4096)
+h2.shutdown()' >&3
+    stop_nbdkit
+    qcheck "$img"
+}
