@@ -469,23 +469,23 @@ parse_header (const uint8_t *buf, size_t len, uint64_t file_size,
                    file_size);
   if (r < 0)
     goto fail;
-  if (h->refcount_table_clusters == 0) {
-    if (flags & Q2_HDR_REFTABLE_UNUSABLE)
-      goto snapshots;
+  if (h->refcount_table_clusters == 0 &&
+      !(flags & Q2_HDR_REFTABLE_UNUSABLE)) {
     r = q2_err (EINVAL, "refcount_table_clusters is 0: the image has no "
                 "refcount table");
     goto fail;
   }
-  r = check_table ("refcount_table_clusters (refcount table)",
-                   "refcount_table_offset (refcount table)",
-                   h->refcount_table_offset,
-                   (uint64_t) h->refcount_table_clusters * cluster_size / 8,
-                   8, QCOW2_MAX_REFTABLE_BYTES, cluster_size,
-                   flags & Q2_HDR_REFTABLE_UNUSABLE ? UINT64_MAX
-                   : file_size);
-  if (r < 0)
-    goto fail;
- snapshots:
+  if (h->refcount_table_clusters != 0) {
+    r = check_table ("refcount_table_clusters (refcount table)",
+                     "refcount_table_offset (refcount table)",
+                     h->refcount_table_offset,
+                     (uint64_t) h->refcount_table_clusters * cluster_size / 8,
+                     8, QCOW2_MAX_REFTABLE_BYTES, cluster_size,
+                     flags & Q2_HDR_REFTABLE_UNUSABLE ? UINT64_MAX
+                     : file_size);
+    if (r < 0)
+      goto fail;
+  }
   if (h->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {
     r = q2_err (EINVAL, "nb_snapshots %u is too large (at most %d)",
                 h->nb_snapshots, QCOW2_MAX_SNAPSHOTS);

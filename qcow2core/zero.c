@@ -322,11 +322,11 @@ trim_locked (struct q2_image *img, uint64_t offset, uint64_t len)
   return 0;
 }
 
-/* Zero (discard false) or trim under the exclusive lock, once no
- * cluster is being written outside it. */
+/* Zero (discard false) or trim one slice: takes the exclusive lock and
+ * waits until no cluster is being written outside it. */
 static int
-zero_or_trim_locked (struct q2_image *img, uint64_t count, uint64_t offset,
-                     bool discard, bool may_trim, bool fast, bool fua)
+zero_or_trim_slice (struct q2_image *img, uint64_t count, uint64_t offset,
+                    bool discard, bool may_trim, bool fast, bool fua)
 {
   int r;
 
@@ -363,8 +363,8 @@ zero_or_trim (struct q2_image *img, uint64_t count, uint64_t offset,
     uint64_t n = fast ? count :
       Q2_MIN (count, Q2_ROUND_DOWN (offset + ZERO_SLICE, img->cluster_size)
               - offset);
-    int r = zero_or_trim_locked (img, n, offset, discard, may_trim, fast,
-                                 fua && n == count);
+    int r = zero_or_trim_slice (img, n, offset, discard, may_trim, fast,
+                                fua && n == count);
     if (r < 0 || n == count)
       return r;
     offset += n;
