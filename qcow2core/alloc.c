@@ -38,9 +38,10 @@ q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
 
   /* Every refcount reads 0: allocating would hand out live clusters. */
   if (img->refcounts_lost)
-    return q2_err (EIO, "the refcount table is missing or past the end "
-                   "of the file: no cluster can be allocated until the "
-                   "refcounts are rebuilt (check -r all)");
+    return q2_mark_corrupt (img, "the refcount table is missing or past "
+                            "the end of the file: no cluster can be "
+                            "allocated until the refcounts are rebuilt "
+                            "(check -r all)");
  retry:
   run = 0;
   start = first_free = UINT64_MAX;
@@ -48,7 +49,7 @@ q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
     uint64_t rc;
     if (c + n > max_cluster)
       return q2_err (ENOSPC, "no free host cluster below the 64 PiB limit");
-    if ((r = q2_refcount_get (img, c, &rc)) < 0)
+    if ((r = q2_refcount_get_writing (img, c, &rc)) < 0)
       return r;
     /* Past the end of the file nothing can be in use, but a crash
      * (ours or QEMU's) between a refcount update and the write of the

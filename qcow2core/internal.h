@@ -465,6 +465,10 @@ bool q2_unaligned_without_data (const struct q2_image *img, uint64_t entry,
 /* ---- refcount.c ---- */
 int q2_refcount_get (struct q2_image *img, uint64_t cluster_index,
                      uint64_t *refcount);
+/* The same for writers: a bad refcount table entry marks the image
+ * corrupt. */
+int q2_refcount_get_writing (struct q2_image *img, uint64_t cluster_index,
+                             uint64_t *refcount);
 /* The largest refcount refcount_bits can hold. */
 uint64_t q2_max_refcount (const struct q2_image *img);
 /* Unpacks entry i of a refcount block. */

@@ -51,10 +51,12 @@ set_refblock_entry (uint8_t *block, uint32_t order, uint64_t i, uint64_t v)
 }
 
 /* Finds the cache slice holding the refcount of cluster_index; *slice is
- * NULL when no refcount block covers it (refcount 0). */
+ * NULL when no refcount block covers it (refcount 0).  A writer that
+ * meets a bad refcount table entry marks the image corrupt, as for any
+ * metadata corruption found while writing. */
 static int
-locate (struct q2_image *img, uint64_t cluster_index, uint8_t **slice,
-        uint64_t *index_in_slice, uint64_t *slice_offset)
+locate (struct q2_image *img, uint64_t cluster_index, bool writing,
+        uint8_t **slice, uint64_t *index_in_slice, uint64_t *slice_offset)
 {
   uint32_t order = img->hdr.refcount_order;
   uint64_t rt_index = cluster_index >> per_block_log (img);
@@ -70,12 +72,13 @@ locate (struct q2_image *img, uint64_t cluster_index, uint8_t **slice,
     return 0;
   if (!Q2_IS_ALIGNED (rb_off, img->cluster_size) ||
       rb_off >= img->file_size ||
-      q2_overlaps_fixed_metadata (img, rb_off, img->cluster_size))
-    return q2_err (EIO, "refcount table entry %llu: refcount block offset "
-                   "%#llx is unaligned, past the end of the file or "
-                   "overlaps the header, L1 or refcount table",
-                   (unsigned long long) rt_index,
-                   (unsigned long long) rb_off);
+      q2_overlaps_fixed_metadata (img, rb_off, img->cluster_size)) {
+    q2_err (EIO, "refcount table entry %llu: refcount block offset %#llx "
+            "is unaligned, past the end of the file or overlaps the "
+            "header, L1 or refcount table", (unsigned long long) rt_index,
+            (unsigned long long) rb_off);
+    return writing ? q2_mark_corrupt (img, "%s", q2_last_error ()) : -EIO;
+  }
   slice_size = q2_cache_slice_size (img->rb_cache);
   byte = (rb_index << order) / 8;
   first = Q2_ROUND_DOWN (byte, slice_size);
@@ -88,14 +91,13 @@ locate (struct q2_image *img, uint64_t cluster_index, uint8_t **slice,
   return 0;
 }
 
-/* Caller holds img->lock (readers) or io_lock exclusively (writers). */
-int
-q2_refcount_get (struct q2_image *img, uint64_t cluster_index,
+static int
+refcount_lookup (struct q2_image *img, uint64_t cluster_index, bool writing,
                  uint64_t *refcount)
 {
   uint8_t *slice;
   uint64_t i, off;
-  int r = locate (img, cluster_index, &slice, &i, &off);
+  int r = locate (img, cluster_index, writing, &slice, &i, &off);
 
   *refcount = 0;
   if (r < 0)
@@ -103,6 +105,21 @@ q2_refcount_get (struct q2_image *img, uint64_t cluster_index,
   if (slice)
     *refcount = q2_refblock_entry (slice, img->hdr.refcount_order, i);
   return 0;
+}
+
+/* Caller holds img->lock (readers) or io_lock exclusively (writers). */
+int
+q2_refcount_get (struct q2_image *img, uint64_t cluster_index,
+                 uint64_t *refcount)
+{
+  return refcount_lookup (img, cluster_index, false, refcount);
+}
+
+int
+q2_refcount_get_writing (struct q2_image *img, uint64_t cluster_index,
+                         uint64_t *refcount)
+{
+  return refcount_lookup (img, cluster_index, true, refcount);
 }
 
 uint64_t
@@ -155,7 +172,7 @@ create_refblock (struct q2_image *img, uint64_t rt_index, uint64_t avoid)
   img->reftable_used = Q2_MAX (img->reftable_used, rt_index + 1);
   /* The block counts itself.  If it cannot be read back, unlink it: a
    * block that does not count itself would hand its own cluster out. */
-  if ((r = locate (img, loc, &slice, &i, &off)) < 0) {
+  if ((r = locate (img, loc, true, &slice, &i, &off)) < 0) {
     img->reftable[rt_index] = 0;
     q2_meta_index_update (img, loc << img->cluster_bits, 0, true);
     img->reftable_used = used;
@@ -174,7 +191,7 @@ q2_refcount_update (struct q2_image *img, uint64_t cluster_index,
   uint64_t i, off, old, v;
   int r;
 
-  if ((r = locate (img, cluster_index, &slice, &i, &off)) < 0)
+  if ((r = locate (img, cluster_index, true, &slice, &i, &off)) < 0)
     return r;
   if (slice == NULL) {
     if (delta < 0)
@@ -185,7 +202,7 @@ q2_refcount_update (struct q2_image *img, uint64_t cluster_index,
                          cluster_index);
     if (r < 0)
       return r;
-    if ((r = locate (img, cluster_index, &slice, &i, &off)) < 0)
+    if ((r = locate (img, cluster_index, true, &slice, &i, &off)) < 0)
       return r;
     if (slice == NULL)
       return q2_err (EIO, "refcount block for cluster %llu was not created",
@@ -330,7 +347,7 @@ grow_reftable (struct q2_image *img, uint64_t need_rt, uint64_t avoid)
     uint64_t rc = c == avoid;
     rt = c >> pbl;
     if (rc == 0 && rt < img->reftable_entries && img->reftable[rt] != 0 &&
-        (r = q2_refcount_get (img, c, &rc)) < 0)
+        (r = q2_refcount_get_writing (img, c, &rc)) < 0)
       return r;
     if (rc == 0)
       continue;

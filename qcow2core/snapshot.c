@@ -471,7 +471,7 @@ check_headroom (struct q2_image *img, const uint64_t *l1, uint32_t l1_size)
     uint64_t rc;
     if (h.adds[c] == 0)
       continue;
-    if ((r = q2_refcount_get (img, c, &rc)) < 0)
+    if ((r = q2_refcount_get_writing (img, c, &rc)) < 0)
       break;
     if (rc > max - h.adds[c])
       r = q2_err (EOVERFLOW, "host cluster %llu would need more references "

@@ -105,10 +105,12 @@ q2_get_l2_entry (struct q2_image *img, uint64_t guest_offset, bool for_write,
   int r;
 
   *entry = *bitmap = 0;
+  /* Only writes (zero and trim included) come here: a bad L1 entry
+   * is corruption found while writing. */
   if (for_write)
     r = q2_l2_table_for_write (img, guest_offset, l2_offset);
-  else
-    r = q2_l1_entry_l2 (img, l1_index, l2_offset);
+  else if ((r = q2_l1_entry_l2 (img, l1_index, l2_offset)) < 0)
+    return q2_mark_corrupt (img, "%s", q2_last_error ());
   if (r < 0 || *l2_offset == 0)
     return r;
   if ((r = q2_l2_entry_ref (img, *l2_offset, guest_offset, &e, &so)) < 0)

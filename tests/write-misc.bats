@@ -1030,3 +1030,41 @@ h2.shutdown()' >&3
     stop_nbdkit
     qcheck "$img"
 }
+
+# poke_be64 FILE OFFSET VALUE: writes VALUE big-endian at OFFSET.
+poke_be64 ()
+{
+    /usr/bin/python3 -c '
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(int(sys.argv[2])); f.write(struct.pack(">Q", int(sys.argv[3], 0)))
+' "$@"
+}
+
+@test "(zc) a bad refcount table entry or L1 entry met by a write, zero or trim marks the image corrupt (iotest 060)" {
+    img="$BATS_TEST_TMPDIR/t.qcow2"
+    # Default layout: header, L1 table at 192K, refcount table at 64K.
+    for c in reftable-unaligned reftable-zero-offset trim-unaligned-refblock \
+             zero-l1-self trim-l1-self; do
+        qemu-img create -q -f qcow2 "$img" 1G
+        op="h.pwrite(b'a' * 65536, 0)"
+        case $c in
+        reftable-unaligned)      poke_be64 "$img" 65536 0x22a00 ;;
+        reftable-zero-offset)    poke_be64 "$img" 48 0 ;;
+        trim-unaligned-refblock)
+            qio "$img" -c 'write 0 128k'
+            poke_be64 "$img" 65536 0x2a00
+            # The free waits for the flush; the flush meets the entry.
+            op="h.trim(65536, 0); h.flush()" ;;
+        zero-l1-self|trim-l1-self)
+            qio "$img" -c 'write 600M 64k'
+            poke_be64 "$img" 196608 0x8000000000030000
+            if [ $c = zero-l1-self ]; then op="h.zero(65536, 65536)"
+            else op="h.trim(65536, 65536)"; fi ;;
+        esac
+        try_refused "$img" "" "$op"
+        [[ "$output" =~ "refused 5" ]] || { echo "$c: $output" >&3; false; }
+        qemu-img info "$img" | grep -q 'corrupt: true' ||
+            { echo "$c: not marked corrupt" >&3; false; }
+    done
+}
