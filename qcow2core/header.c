@@ -58,14 +58,18 @@ check_table (const char *size_field, const char *offset_field,
   if (!Q2_IS_ALIGNED (offset, cluster_size))
     return q2_err (EINVAL, "%s %#llx is not aligned to the cluster size",
                    offset_field, (unsigned long long) offset);
-  if (entries > 0 &&
-      (offset >= file_size || entries * entry_size > file_size - offset))
-    return q2_err (EINVAL, "%s %#llx (%llu bytes) is past the end "
-                   "of the file (%llu bytes)", offset_field,
-                   (unsigned long long) offset,
-                   (unsigned long long) (entries * entry_size),
-                   (unsigned long long) file_size);
-  return 0;
+  if (entries == 0 ||
+      (offset < file_size && entries * entry_size <= file_size - offset))
+    return 0;
+  /* UINT64_MAX: a table that may lie past the end (check reports it). */
+  if (file_size == UINT64_MAX)
+    return q2_err (EINVAL, "%s %#llx (%llu bytes) runs past the largest "
+                   "64-bit offset", offset_field, (unsigned long long) offset,
+                   (unsigned long long) (entries * entry_size));
+  return q2_err (EINVAL, "%s %#llx (%llu bytes) is past the end of the file "
+                 "(%llu bytes)", offset_field, (unsigned long long) offset,
+                 (unsigned long long) (entries * entry_size),
+                 (unsigned long long) file_size);
 }
 
 char *

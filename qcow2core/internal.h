@@ -96,11 +96,6 @@ void q2_unlock_image (int fd);
 #define QCOW2_MAX_BACKING_NAME 1023
 #define QCOW2_MAX_SNAPSHOTS 65536
 #define QCOW2_MAX_HOST_OFFSET ((1ULL << 56) - 1)
-/* Clusters past the end of the file that still have a refcount: a crash
- * between a refcount update and the cluster's first write leaves a few.
- * New clusters go around them; more than this means a damaged table. */
-#define MAX_LEAKED_PAST_EOF 65536
-
 #define QCOW2_INCOMPAT_DIRTY (1ULL << 0)
 #define QCOW2_INCOMPAT_CORRUPT (1ULL << 1)
 #define QCOW2_INCOMPAT_DATA_FILE (1ULL << 2)
@@ -469,6 +464,11 @@ int q2_refcount_get (struct q2_image *img, uint64_t cluster_index,
  * corrupt. */
 int q2_refcount_get_writing (struct q2_image *img, uint64_t cluster_index,
                              uint64_t *refcount);
+/* The first cluster from c on, below limit, whose refcount is 0 (limit
+ * when there is none); fast over long runs of clusters in use.  For
+ * writers, like q2_refcount_get_writing. */
+int q2_refcount_next_free (struct q2_image *img, uint64_t c, uint64_t limit,
+                           uint64_t *found);
 /* The largest refcount refcount_bits can hold. */
 uint64_t q2_max_refcount (const struct q2_image *img);
 /* Unpacks entry i of a refcount block. */

@@ -122,6 +122,59 @@ q2_refcount_get_writing (struct q2_image *img, uint64_t cluster_index,
   return refcount_lookup (img, cluster_index, true, refcount);
 }
 
+/* How many of the n entries from entry i of a refcount block slice are
+ * not 0.  Whole 64-bit words at a time where possible: a word holds no
+ * zero entry unless the usual has-a-zero-lane test says so (byte order
+ * does not matter, only which bits form a lane). */
+static uint64_t
+used_run (const uint8_t *slice, uint32_t order, uint64_t i, uint64_t n)
+{
+  unsigned bits = 1u << order;
+  uint64_t per_word = 64 >> order;
+  uint64_t low = bits == 64 ? 1 : UINT64_MAX / ((1ULL << bits) - 1);
+  uint64_t high = low << (bits - 1);
+  uint64_t k = 0;
+
+  for (; k < n && (i + k) % per_word; k++)
+    if (q2_refblock_entry (slice, order, i + k) == 0)
+      return k;
+  for (; n - k >= per_word; k += per_word) {
+    uint64_t x;
+    memcpy (&x, slice + ((i + k) << order) / 8, 8);
+    if ((x - low) & ~x & high)
+      break;
+  }
+  for (; k < n; k++)
+    if (q2_refblock_entry (slice, order, i + k) == 0)
+      return k;
+  return n;
+}
+
+int
+q2_refcount_next_free (struct q2_image *img, uint64_t c, uint64_t limit,
+                       uint64_t *found)
+{
+  uint64_t per_slice = ((uint64_t) q2_cache_slice_size (img->rb_cache) * 8) >>
+    img->hdr.refcount_order;
+
+  while (c < limit) {
+    uint8_t *slice;
+    uint64_t i, off, n, used;
+    int r = locate (img, c, true, &slice, &i, &off);
+    if (r < 0)
+      return r;
+    if (slice == NULL)
+      break;
+    n = Q2_MIN (per_slice - i, limit - c);
+    used = used_run (slice, img->hdr.refcount_order, i, n);
+    c += used;
+    if (used < n)
+      break;
+  }
+  *found = Q2_MIN (c, limit);
+  return 0;
+}
+
 uint64_t
 q2_max_refcount (const struct q2_image *img)
 {
@@ -351,12 +404,8 @@ grow_reftable (struct q2_image *img, uint64_t need_rt, uint64_t avoid)
       return r;
     if (rc == 0)
       continue;
-    if (c + 1 - (img->file_size + cs - 1) / cs > MAX_LEAKED_PAST_EOF)
-      return q2_mark_corrupt (img, "more than %d clusters past the end of "
-                              "the file have a refcount (cluster %llu: "
-                              "%llu)", MAX_LEAKED_PAST_EOF,
-                              (unsigned long long) c, (unsigned long long) rc);
-    start = c + 1;
+    if ((r = q2_refcount_next_free (img, c + 1, UINT64_MAX, &start)) < 0)
+      return r;
     goto place;
   }
 

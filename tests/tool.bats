@@ -1174,6 +1174,13 @@ open(sys.argv[1], "wb").write(d)' ic.qcow2
         qemu-img check -q -r all q.qcow2
         qemu-img compare x.qcow2 q.qcow2
     done
+    # One that runs past 2^64 (iotest 080) cannot even be checked; the
+    # message says why, without a made-up file size.
+    qemu-img create -q -f qcow2 x.qcow2 4M
+    patch x.qcow2 48 Q 0xffffffffffff0000; patch x.qcow2 56 I 127
+    run -1 "$TOOL" check x.qcow2
+    [[ "$output" == *"0xffffffffffff0000 (8323072 bytes) runs past the largest 64-bit offset"* ]] ||
+        { echo "$output"; return 1; }
 }
 
 @test "tool check: -r all does not count what it could not repair (an invalid subcluster bitmap) as fixed" {

@@ -2,6 +2,7 @@
  * 1/2/4-bit entries packed LSB first, 8..64-bit entries big-endian. */
 #include <errno.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -268,11 +269,108 @@ test_refcount_get (void)
   close (fd);
 }
 
+/* q2_refcount_next_free against a plain scan, for every entry width: a
+ * block of 4 KiB clusters at cluster 2 (table entry 0; entry 1 empty)
+ * holding runs of used entries of every length around the 64-bit words
+ * it is scanned in, with single free entries and free runs between. */
+static void
+test_next_free (void)
+{
+  char path[] = "/tmp/q2-test-refcount-XXXXXX";
+  int fd = mkstemp (path);
+  const uint64_t cs = 4096;
+  uint32_t order;
+
+  CHECK (fd >= 0);
+  if (fd < 0)
+    return;
+  unlink (path);
+  for (order = 0; order <= 6; order++) {
+    unsigned bits = 1u << order;
+    uint64_t per_block = cs * 8 / bits;
+    uint64_t max = bits == 64 ? UINT64_MAX : (1ULL << bits) - 1;
+    uint64_t reftable[2] = { 2 * cs, 0 };
+    uint8_t *block = calloc (1, cs);
+    uint8_t *used = calloc (per_block, 1);
+    uint64_t i, c, limit, f, want, bad = 0, seed = 12345;
+    struct q2_image img;
+
+    unit_context ("refcount_order %u", order);
+    if (block == NULL || used == NULL)
+      abort ();
+    for (i = 0; i < per_block; ) {
+      uint64_t run, k;
+      seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+      run = (seed >> 33) % 200;
+      for (k = 0; k < run && i < per_block; k++, i++) {
+        used[i] = 1;
+        pack (block, order, i, 1 + (seed >> 20) % max);
+      }
+      i += 1 + (seed >> 40) % 3;        /* then 1 to 3 free entries */
+    }
+    for (i = per_block - 150; i < per_block; i++) {   /* a used tail */
+      used[i] = 1;
+      pack (block, order, i, max);
+    }
+    if (ftruncate (fd, 0) != 0 ||
+        pwrite (fd, block, cs, 2 * cs) != (ssize_t) cs ||
+        ftruncate (fd, 4 * cs) != 0)
+      abort ();
+    memset (&img, 0, sizeof img);
+    img.fd = img.data_fd = fd;
+    img.readonly = true;
+    img.file_size = 4 * cs;
+    img.cluster_bits = 12;
+    img.cluster_size = cs;
+    img.hdr.version = 3;
+    img.hdr.cluster_bits = 12;
+    img.hdr.refcount_order = order;
+    img.hdr.refcount_table_offset = cs;
+    img.hdr.refcount_table_clusters = 1;
+    img.refcount_bits = bits;
+    img.reftable = reftable;
+    img.reftable_entries = 2;
+    /* Slices smaller than the block: scans cross slice boundaries. */
+    img.rb_cache = q2_cache_new (1024, 4, NULL, NULL);
+    if (img.rb_cache == NULL)
+      abort ();
+
+    for (c = 0; c < per_block + 3; c++)
+      for (limit = c; limit <= per_block + 10; limit += limit < c + 70 ? 1 : 997) {
+        for (want = c; want < limit && want < per_block && used[want]; want++)
+          ;
+        if (q2_refcount_next_free (&img, c, limit, &f) != 0 ||
+            f != Q2_MIN (want, limit)) {
+          if (bad++ < 3)
+            fprintf (stderr, "order %u from %llu limit %llu: got %llu, "
+                     "want %llu\n", order, (unsigned long long) c,
+                     (unsigned long long) limit, (unsigned long long) f,
+                     (unsigned long long) want);
+        }
+        if (per_block > 4096 && limit >= c + 70)
+          break;
+      }
+    CHECK_EQ_U64 (bad, 0);
+    /* A run of used entries up to the end of the block continues into
+     * the empty table entry after it: free there. */
+    CHECK_EQ_INT (q2_refcount_next_free (&img, per_block - 150, UINT64_MAX,
+                                         &f), 0);
+    CHECK_EQ_U64 (f, per_block);
+
+    q2_cache_free (img.rb_cache);
+    free (block);
+    free (used);
+  }
+  unit_context (NULL);
+  close (fd);
+}
+
 int
 main (void)
 {
   RUN (test_hand_packed);
   RUN (test_whole_blocks);
   RUN (test_refcount_get);
+  RUN (test_next_free);
   return unit_done ();
 }
