@@ -45,14 +45,12 @@ q2_alloc_clusters (struct q2_image *img, uint64_t n, uint64_t *offset,
  retry:
   run = 0;
   start = first_free = UINT64_MAX;
-  /* Clusters in use are skipped a refcount block at a time: past the end
-   * of the file, a crash (ours or QEMU's) between a refcount update and
-   * the write of the cluster leaves leaked refcounts, and a damaged or
-   * crafted block can claim billions of clusters (QEMU's iotest 220
-   * claims 512 TiB); QEMU allocates after them, and so do we. */
+  /* Clusters in use are skipped a refcount word at a time: leaked ones
+   * past the end of the file can be many (QEMU allocates after them,
+   * and so do we), up to a bound. */
   for (c = img->free_hint; run < n; c++) {
     uint64_t f;
-    if ((r = q2_refcount_next_free (img, c, max_cluster, &f)) < 0)
+    if ((r = q2_refcount_skip_used (img, c, &f)) < 0)
       return r;
     if (f != c)
       run = 0;

@@ -469,6 +469,15 @@ int q2_refcount_get_writing (struct q2_image *img, uint64_t cluster_index,
  * writers, like q2_refcount_get_writing. */
 int q2_refcount_next_free (struct q2_image *img, uint64_t c, uint64_t limit,
                            uint64_t *found);
+/* The same from c on, for allocation.  Past the end of the file, a crash
+ * between a refcount update and the cluster's first write leaves leaked
+ * refcounts, and a crafted block can claim many clusters (iotest 220:
+ * 512 TiB in 32 MiB of 1-bit refcounts); past this many bits of them
+ * the table is damaged: the image is marked corrupt, rather than
+ * scanning for minutes. */
+#define MAX_LEAKED_PAST_EOF_BITS (1ULL << 29)
+int q2_refcount_skip_used (struct q2_image *img, uint64_t c,
+                           uint64_t *found);
 /* The largest refcount refcount_bits can hold. */
 uint64_t q2_max_refcount (const struct q2_image *img);
 /* Unpacks entry i of a refcount block. */

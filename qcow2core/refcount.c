@@ -175,6 +175,22 @@ q2_refcount_next_free (struct q2_image *img, uint64_t c, uint64_t limit,
   return 0;
 }
 
+int
+q2_refcount_skip_used (struct q2_image *img, uint64_t c, uint64_t *found)
+{
+  uint64_t eof = (img->file_size + img->cluster_size - 1) >> img->cluster_bits;
+  uint64_t limit = Q2_MAX (c, eof) +
+    (MAX_LEAKED_PAST_EOF_BITS >> img->hdr.refcount_order);
+  int r = q2_refcount_next_free (img, c, limit, found);
+
+  if (r == 0 && *found == limit)
+    return q2_mark_corrupt (img, "more than %llu clusters past the end of "
+                            "the file (from cluster %llu) have a refcount",
+                            (unsigned long long) (limit - Q2_MAX (c, eof)),
+                            (unsigned long long) Q2_MAX (c, eof));
+  return r;
+}
+
 uint64_t
 q2_max_refcount (const struct q2_image *img)
 {
@@ -404,7 +420,7 @@ grow_reftable (struct q2_image *img, uint64_t need_rt, uint64_t avoid)
       return r;
     if (rc == 0)
       continue;
-    if ((r = q2_refcount_next_free (img, c + 1, UINT64_MAX, &start)) < 0)
+    if ((r = q2_refcount_skip_used (img, c + 1, &start)) < 0)
       return r;
     goto place;
   }

@@ -1075,7 +1075,7 @@ corrupt_bit ()
     echo $(( $(od -An -tu1 -j79 -N1 "$1") >> 1 & 1 ))
 }
 
-@test "(zd) masses of refcounts past the end of the file (iotest 220): allocation goes after them, as in QEMU, and the image stays clean" {
+@test "(zd) masses of refcounts past the end of the file (iotest 220): allocation goes after them, as in QEMU, and the image stays clean; a damaged table claiming far more is refused at once" {
     # 64K clusters, 1-bit refcounts, refcount block 0 all ones: every
     # cluster of the first 32 GiB is "in use", nearly all past the end.
     img="$BATS_TEST_TMPDIR/t.qcow2"
@@ -1092,6 +1092,21 @@ corrupt_bit ()
     [[ "$output" = *'"offset": 34359'* ]] || { echo "$output"; return 1; }
     run -0 qemu-io -r -c 'read -P 5 0 64k' "$img"
     [[ "$output" != *"verification failed"* ]] || { echo "$output"; return 1; }
+
+    # But a table whose 8192 entries all name one block of 64-bit
+    # refcounts full of ones claims 64M clusters: damaged, refused at
+    # once, not scanned for minutes.
+    qemu-img create -q -f qcow2 -o cluster_size=64k,refcount_bits=64 "$img" 1G
+    /usr/bin/python3 -c '
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(262144); f.write(b"\xff" * 65536)
+    f.seek(65536); f.write(struct.pack(">Q", 262144) * 8192)' "$img"
+    run timeout 20 nbdkit -U - "$PLUGIN" file="$img" \
+        --run 'qemu-io -f raw -c "write -P 5 0 64k" "$uri"'
+    [[ "$output" = *"clusters past the end of the file"*"Input/output error"* ]] ||
+        { echo "$output"; return 1; }
+    [ "$(corrupt_bit "$img")" = 1 ]
 
     # iotest 220 itself (512 TiB claimed by 16 refcount blocks of 2 MiB
     # clusters) where the file system takes a 513 TiB sparse file.
