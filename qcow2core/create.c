@@ -549,8 +549,11 @@ is_one_of (const char *v, const char *const *list, size_t n)
 static int
 validate_encrypt (const struct q2_create_opts *o)
 {
-  static const char *const algs[] = { "aes-128", "aes-192", "aes-256" };
-  static const char *const modes[] = { "xts", "cbc" };
+  static const char *const algs[] = {
+    "aes-128", "aes-192", "aes-256", "serpent-128", "serpent-192",
+    "serpent-256", "twofish-128", "twofish-192", "twofish-256", "cast5-128"
+  };
+  static const char *const modes[] = { "xts", "cbc", "ecb", "ctr" };
   static const char *const ivgens[] = { "plain64", "plain", "essiv" };
   bool luks_params = o->cipher_alg || o->cipher_mode || o->ivgen_alg ||
     o->ivgen_hash_alg || o->hash_alg || o->iter_time_ms || o->iterations;
@@ -584,12 +587,21 @@ validate_encrypt (const struct q2_create_opts *o)
       return q2_err (EINVAL, "Parameter 'encrypt.iter-time' is unexpected");
   }
   else {
-    if (o->cipher_alg && !is_one_of (o->cipher_alg, algs, 3))
+    if (o->cipher_alg && !is_one_of (o->cipher_alg, algs, 10))
       return q2_err (ENOTSUP, "encrypt.cipher-alg: '%s' is not supported "
-                     "(aes-128, aes-192 or aes-256)", o->cipher_alg);
-    if (o->cipher_mode && !is_one_of (o->cipher_mode, modes, 2))
+                     "(aes-, serpent-, twofish-128/192/256 or cast5-128)",
+                     o->cipher_alg);
+    if (o->cipher_mode && !is_one_of (o->cipher_mode, modes, 4))
       return q2_err (ENOTSUP, "encrypt.cipher-mode: '%s' is not supported "
-                     "(xts or cbc)", o->cipher_mode);
+                     "(xts, cbc, ecb or ctr)", o->cipher_mode);
+    /* QEMU's refusals: XTS needs 16-byte blocks, ESSIV a cipher of the
+     * family keyed by the digest. */
+    if (o->cipher_alg && strcmp (o->cipher_alg, "cast5-128") == 0 &&
+        (o->cipher_mode == NULL || strcmp (o->cipher_mode, "xts") == 0))
+      return q2_err (ENOTSUP, "Unsupported cipher mode xts");
+    if (o->cipher_alg && strcmp (o->cipher_alg, "cast5-128") == 0 &&
+        o->ivgen_alg && strcmp (o->ivgen_alg, "essiv") == 0)
+      return q2_err (ENOTSUP, "Cipher cast5-128 not supported with essiv");
     if (o->ivgen_alg && !is_one_of (o->ivgen_alg, ivgens, 3))
       return q2_err (ENOTSUP, "encrypt.ivgen-alg: '%s' is not supported "
                      "(plain64, plain or essiv)", o->ivgen_alg);
@@ -605,11 +617,12 @@ validate_encrypt (const struct q2_create_opts *o)
       return q2_err (ENOTSUP, "No AES cipher with key size %d available",
                      strcmp (o->ivgen_hash_alg, "sha1") == 0 ? 20 :
                      strcmp (o->ivgen_hash_alg, "sha384") == 0 ? 48 : 64);
-    if (o->cipher_alg && strcmp (o->cipher_alg, "aes-192") == 0 &&
-        o->cipher_mode && strcmp (o->cipher_mode, "cbc") == 0)
-      return q2_err (ENOTSUP, "encrypt.cipher-alg: aes-192 with cbc is not "
+    if (o->cipher_alg && strstr (o->cipher_alg, "-192") &&
+        o->cipher_mode && strcmp (o->cipher_mode, "xts") != 0)
+      return q2_err (ENOTSUP, "encrypt.cipher-alg: %s with %s is not "
                      "supported (its key material is not a whole number "
-                     "of sectors; QEMU 7.2 aborts on it)");
+                     "of sectors; QEMU 7.2 aborts on it)", o->cipher_alg,
+                     o->cipher_mode);
   }
   /* Preallocated clusters are data: QEMU leaves them as plain zeros,
    * which decrypt to garbage.  Only 'full' can write encrypted zeros. */

@@ -1,10 +1,11 @@
 /* qcow2 encryption: legacy AES-CBC and LUKS1 (see crypto.h and section
- * 1.12 of the format notes).
+ * 1.12 of the format notes), with the ciphers and modes QEMU writes:
+ * AES, Serpent, Twofish and CAST5 in XTS, CBC, CTR or ECB.
  *
- * A context holds the expanded AES key schedules for both directions
- * (plus the XTS tweak key and the ESSIV key when the mode needs them),
+ * A context holds the expanded key schedules for both directions (plus
+ * the XTS tweak key and the ESSIV key when the mode needs them),
  * prepared once at open.  Per-sector work only derives the IV, so the
- * hot path is a bulk AES call per 512-byte sector.
+ * hot path is one bulk cipher call per 512-byte sector.
  */
 #include <endian.h>
 #include <errno.h>
@@ -17,20 +18,24 @@
 #include <unistd.h>
 
 #include <nettle/aes.h>
+#include <nettle/cast128.h>
 #include <nettle/cbc.h>
+#include <nettle/ctr.h>
 #include <nettle/memops.h>
 #include <nettle/memxor.h>
 #include <nettle/nettle-meta.h>
 #include <nettle/pbkdf2.h>
+#include <nettle/serpent.h>
 #include <nettle/sha1.h>
 #include <nettle/sha2.h>
+#include <nettle/twofish.h>
 
 #include "internal.h"
 #include "crypto.h"
 
 #define SECTOR Q2_CRYPTO_SECTOR_SIZE
-#define BLOCK 16                        /* AES block */
-#define MAX_KEY 64                      /* aes-256-xts */
+#define BLOCK 16                        /* the largest cipher block */
+#define MAX_KEY 64                      /* 256-bit keys, XTS */
 
 /* ---- LUKS1 phdr layout (all integers big-endian) ---- */
 /* The LUKS1 layout constants are in crypto.h. */
@@ -81,90 +86,63 @@ wipe (void *p, size_t n)
     explicit_bzero (p, n);
 }
 
-/* ---- AES through nettle_cipher_func-compatible wrappers ---- */
-union aes_key {
-  struct aes128_ctx k128;
-  struct aes192_ctx k192;
-  struct aes256_ctx k256;
+/* ---- block ciphers, by LUKS cipher_name and key size ---- */
+union cipher_ctx {
+  struct aes128_ctx aes128;
+  struct aes192_ctx aes192;
+  struct aes256_ctx aes256;
+  struct serpent_ctx serpent;
+  struct twofish_ctx twofish;
+  struct cast128_ctx cast128;
 };
 
-static void
-enc128 (const void *k, size_t n, uint8_t *d, const uint8_t *s)
+/* The cipher families QEMU's LUKS driver writes; key sizes 16, 24, 32
+ * bytes (NULL where the family has no such key). */
+struct family {
+  const char *name;
+  const struct nettle_cipher *by_key[3];
+};
+
+static const struct family families[] = {
+  { "aes", { &nettle_aes128, &nettle_aes192, &nettle_aes256 } },
+  { "serpent", { &nettle_serpent128, &nettle_serpent192,
+                 &nettle_serpent256 } },
+  { "twofish", { &nettle_twofish128, &nettle_twofish192,
+                 &nettle_twofish256 } },
+  { "cast5", { &nettle_cast128, NULL, NULL } },
+};
+
+static const struct family *
+find_family (const char *name)
 {
-  aes128_encrypt (k, n, d, s);
-}
-static void
-dec128 (const void *k, size_t n, uint8_t *d, const uint8_t *s)
-{
-  aes128_decrypt (k, n, d, s);
-}
-static void
-enc192 (const void *k, size_t n, uint8_t *d, const uint8_t *s)
-{
-  aes192_encrypt (k, n, d, s);
-}
-static void
-dec192 (const void *k, size_t n, uint8_t *d, const uint8_t *s)
-{
-  aes192_decrypt (k, n, d, s);
-}
-static void
-enc256 (const void *k, size_t n, uint8_t *d, const uint8_t *s)
-{
-  aes256_encrypt (k, n, d, s);
-}
-static void
-dec256 (const void *k, size_t n, uint8_t *d, const uint8_t *s)
-{
-  aes256_decrypt (k, n, d, s);
+  size_t i;
+
+  for (i = 0; i < sizeof families / sizeof families[0]; i++)
+    if (strcmp (families[i].name, name) == 0)
+      return &families[i];
+  return NULL;
 }
 
-/* Expands an AES key of len 16/24/32 bytes.  dk may be NULL. */
-static void
-aes_setup (size_t len, const uint8_t *key, union aes_key *ek,
-           union aes_key *dk, nettle_cipher_func **encf,
-           nettle_cipher_func **decf)
+static const struct nettle_cipher *
+family_cipher (const struct family *f, size_t key_len)
 {
-  switch (len) {
-  case 16:
-    aes128_set_encrypt_key (&ek->k128, key);
-    if (dk)
-      aes128_invert_key (&dk->k128, &ek->k128);
-    *encf = enc128;
-    if (decf)
-      *decf = dec128;
-    break;
-  case 24:
-    aes192_set_encrypt_key (&ek->k192, key);
-    if (dk)
-      aes192_invert_key (&dk->k192, &ek->k192);
-    *encf = enc192;
-    if (decf)
-      *decf = dec192;
-    break;
-  default:
-    aes256_set_encrypt_key (&ek->k256, key);
-    if (dk)
-      aes256_invert_key (&dk->k256, &ek->k256);
-    *encf = enc256;
-    if (decf)
-      *decf = dec256;
-    break;
-  }
+  if (key_len != 16 && key_len != 24 && key_len != 32)
+    return NULL;
+  return f->by_key[(key_len - 16) / 8];
 }
 
 /* ---- a prepared sector cipher ---- */
-enum mode { MODE_CBC, MODE_XTS };
+enum mode { MODE_ECB, MODE_CBC, MODE_CTR, MODE_XTS };
 enum ivgen { IVGEN_PLAIN, IVGEN_PLAIN64, IVGEN_ESSIV };
 
 struct cipher {
   enum mode mode;
   enum ivgen ivgen;
-  size_t aes_len;                       /* bytes of one AES key */
-  nettle_cipher_func *enc, *dec, *essiv_enc;
-  union aes_key ek, dk;                 /* data key, both directions */
-  union aes_key tk;                     /* XTS tweak key (encrypt) */
-  union aes_key essiv;                  /* ESSIV key (encrypt) */
+  const struct nettle_cipher *alg;      /* the data cipher */
+  const struct nettle_cipher *essiv_alg;
+  union cipher_ctx ek, dk;              /* data key, both directions */
+  union cipher_ctx tk;                  /* XTS tweak key (encrypt) */
+  union cipher_ctx essiv;               /* ESSIV key (encrypt) */
 };
 
 /* What a LUKS cipher_mode string such as "cbc-essiv:sha256" means. */
@@ -174,36 +152,58 @@ struct mode_spec {
   const struct hash_info *essiv_hash;   /* IVGEN_ESSIV only */
 };
 
-/* key_len is the full key: twice the AES key for XTS. */
+/* The data cipher for a family, mode and full key length (twice the
+ * cipher's key for XTS).  XTS needs 16-byte blocks, as in QEMU. */
 static int
-cipher_init (struct cipher *c, const struct mode_spec *m,
-             const uint8_t *key, size_t key_len)
+mode_cipher (const struct family *f, const struct mode_spec *m,
+             size_t key_len, const struct nettle_cipher **alg)
 {
+  *alg = NULL;
+  if (m->mode != MODE_XTS || key_len % 2 == 0)
+    *alg = family_cipher (f, m->mode == MODE_XTS ? key_len / 2 : key_len);
+  if (*alg == NULL)
+    return q2_err (EINVAL, "a key of %zu bytes is invalid for %s", key_len,
+                   f->name);
+  if (m->mode == MODE_XTS && (*alg)->block_size != BLOCK)
+    return q2_err (ENOTSUP, "%s: XTS needs a cipher with 16-byte blocks",
+                   f->name);
+  return 0;
+}
+
+/* key_len is the full key: twice the cipher's key for XTS. */
+static int
+cipher_init (struct cipher *c, const struct family *f,
+             const struct mode_spec *m, const uint8_t *key, size_t key_len)
+{
+  size_t n;
+  int r;
+
   memset (c, 0, sizeof *c);
   c->mode = m->mode;
   c->ivgen = m->ivgen;
-  c->aes_len = m->mode == MODE_XTS ? key_len / 2 : key_len;
-  if (c->aes_len != 16 && c->aes_len != 24 && c->aes_len != 32)
-    return q2_err (EINVAL, "invalid AES key length %zu", key_len);
-  aes_setup (c->aes_len, key, &c->ek, &c->dk, &c->enc, &c->dec);
-  if (m->mode == MODE_XTS) {
-    nettle_cipher_func *unused;
-    aes_setup (c->aes_len, key + c->aes_len, &c->tk, NULL, &unused, NULL);
-  }
-  if (m->ivgen == IVGEN_ESSIV) {
-    /* The ESSIV key is the hash of the whole (possibly doubled) key; its
-     * digest length picks the AES variant, as QEMU does. */
+  if ((r = mode_cipher (f, m, key_len, &c->alg)) < 0)
+    return r;
+  n = c->alg->key_size;
+  c->alg->set_encrypt_key (&c->ek, key);
+  c->alg->set_decrypt_key (&c->dk, key);
+  if (m->mode == MODE_XTS)
+    c->alg->set_encrypt_key (&c->tk, key + n);
+  if (m->mode != MODE_ECB && m->ivgen == IVGEN_ESSIV) {
+    /* The ESSIV key is the hash of the whole (possibly doubled) key; the
+     * digest length picks the key size of the same family, as QEMU
+     * does. */
     const struct nettle_hash *h = m->essiv_hash->hash;
     union hash_ctx hc;
     uint8_t digest[64];
 
-    if (h->digest_size != 16 && h->digest_size != 24 && h->digest_size != 32)
-      return q2_err (ENOTSUP, "ESSIV hash %s: no AES key of %u bytes",
-                     m->essiv_hash->name, h->digest_size);
+    c->essiv_alg = family_cipher (f, h->digest_size);
+    if (c->essiv_alg == NULL)
+      return q2_err (ENOTSUP, "ESSIV hash %s: no %s key of %u bytes",
+                     m->essiv_hash->name, f->name, h->digest_size);
     h->init (&hc);
     h->update (&hc, key_len, key);
     h->digest (&hc, h->digest_size, digest);
-    aes_setup (h->digest_size, digest, &c->essiv, NULL, &c->essiv_enc, NULL);
+    c->essiv_alg->set_encrypt_key (&c->essiv, digest);
     wipe (&hc, sizeof hc);
     wipe (digest, sizeof digest);
   }
@@ -226,22 +226,31 @@ get_le64 (const uint8_t *p)
   return le64toh (v);
 }
 
+/* The IV of a sector: one cipher block (8 or 16 bytes). */
 static inline void
 make_iv (const struct cipher *c, uint64_t sector, uint8_t iv[BLOCK])
 {
+  uint8_t e[BLOCK] = { 0 };
+  size_t niv = c->alg->block_size;
+
   memset (iv, 0, BLOCK);
   if (c->ivgen == IVGEN_PLAIN)
     put_le64 (iv, sector & 0xffffffffU);
   else
     put_le64 (iv, sector);
-  if (c->ivgen == IVGEN_ESSIV)
-    c->essiv_enc (&c->essiv, BLOCK, iv, iv);
+  if (c->ivgen == IVGEN_ESSIV) {
+    /* A block of the ESSIV cipher, cut to the data cipher's. */
+    put_le64 (e, sector);
+    c->essiv_alg->encrypt (&c->essiv, c->essiv_alg->block_size, e, e);
+    memcpy (iv, e, niv);
+  }
 }
 
 /* XTS (IEEE 1619) on one sector of n bytes, a multiple of 16 and at most
  * 512, so no ciphertext stealing.  Same result as nettle's
  * xts_{en,de}crypt_message, but all tweaks are computed first and the
- * sector goes through AES in one bulk call (which lets AES-NI pipeline). */
+ * sector goes through the cipher in one bulk call (which lets AES-NI
+ * pipeline). */
 static void
 xts_sector (const struct cipher *c, const uint8_t iv[BLOCK], uint8_t *buf,
             size_t n, bool encrypt)
@@ -250,7 +259,7 @@ xts_sector (const struct cipher *c, const uint8_t iv[BLOCK], uint8_t *buf,
   uint64_t lo, hi;
   size_t i;
 
-  c->enc (&c->tk, BLOCK, t, iv);
+  c->alg->encrypt (&c->tk, BLOCK, t, iv);
   lo = get_le64 (t);
   hi = get_le64 (t + 8);
   for (i = BLOCK; i < n; i += BLOCK) {
@@ -263,31 +272,49 @@ xts_sector (const struct cipher *c, const uint8_t iv[BLOCK], uint8_t *buf,
   }
   memxor (buf, t, n);
   if (encrypt)
-    c->enc (&c->ek, n, buf, buf);
+    c->alg->encrypt (&c->ek, n, buf, buf);
   else
-    c->dec (&c->dk, n, buf, buf);
+    c->alg->decrypt (&c->dk, n, buf, buf);
   memxor (buf, t, n);
   wipe (t, n);
 }
 
-/* len is a multiple of 16; a short last sector is allowed (LUKS key
- * material need not be a whole number of sectors). */
+/* len is a multiple of the block size; a short last sector is allowed
+ * (LUKS key material need not be a whole number of sectors).  Each
+ * sector starts from its own IV, as QEMU sets it per sector; CTR's
+ * counter is the whole IV block, big-endian, as nettle counts it. */
 static void
 cipher_run (const struct cipher *c, uint64_t sector, uint8_t *buf,
             size_t len, bool encrypt)
 {
+  size_t bs = c->alg->block_size;
   uint8_t iv[BLOCK];
 
   while (len > 0) {
     size_t n = len < SECTOR ? len : SECTOR;
 
-    make_iv (c, sector, iv);
-    if (c->mode == MODE_XTS)
+    if (c->mode != MODE_ECB)
+      make_iv (c, sector, iv);
+    switch (c->mode) {
+    case MODE_ECB:
+      if (encrypt)
+        c->alg->encrypt (&c->ek, n, buf, buf);
+      else
+        c->alg->decrypt (&c->dk, n, buf, buf);
+      break;
+    case MODE_CBC:
+      if (encrypt)
+        cbc_encrypt (&c->ek, c->alg->encrypt, bs, iv, n, buf, buf);
+      else
+        cbc_decrypt (&c->dk, c->alg->decrypt, bs, iv, n, buf, buf);
+      break;
+    case MODE_CTR:
+      ctr_crypt (&c->ek, c->alg->encrypt, bs, iv, n, buf, buf);
+      break;
+    case MODE_XTS:
       xts_sector (c, iv, buf, n, encrypt);
-    else if (encrypt)
-      cbc_encrypt (&c->ek, c->enc, BLOCK, iv, n, buf, buf);
-    else
-      cbc_decrypt (&c->dk, c->dec, BLOCK, iv, n, buf, buf);
+      break;
+    }
     buf += n;
     len -= n;
     sector++;
@@ -302,8 +329,8 @@ struct q2_crypto {
 };
 
 static int
-crypto_new (int method, const struct mode_spec *m, const uint8_t *key,
-            size_t key_len, struct q2_crypto **out)
+crypto_new (int method, const struct family *f, const struct mode_spec *m,
+            const uint8_t *key, size_t key_len, struct q2_crypto **out)
 {
   struct q2_crypto *c;
   int r;
@@ -312,7 +339,7 @@ crypto_new (int method, const struct mode_spec *m, const uint8_t *key,
   if (c == NULL)
     return q2_err (ENOMEM, "allocating the encryption context");
   c->method = method;
-  r = cipher_init (&c->cipher, m, key, key_len);
+  r = cipher_init (&c->cipher, f, m, key, key_len);
   if (r < 0) {
     q2_crypto_free (c);
     return r;
@@ -393,7 +420,8 @@ q2_crypto_open_aes (const char *password, struct q2_crypto **out)
     return q2_err (EINVAL, "the AES-encrypted image needs a password");
   n = strlen (password);
   memcpy (key, password, n < sizeof key ? n : sizeof key);
-  r = crypto_new (1, &cbc_plain64, key, sizeof key, out);
+  r = crypto_new (1, find_family ("aes"), &cbc_plain64, key, sizeof key,
+                  out);
   wipe (key, sizeof key);
   if (r == 0)
     snprintf ((*out)->desc, sizeof (*out)->desc, "aes aes-128 cbc-plain64");
@@ -417,25 +445,32 @@ get_str (const uint8_t *hdr, size_t off, char out[LH_FIELD_LEN],
   return 0;
 }
 
-/* Parses "cbc-plain64", "xts-plain", "cbc-essiv:sha256", ... */
+/* Parses "cbc-plain64", "xts-plain", "cbc-essiv:sha256", "ecb", ...
+ * (ECB takes no IV: QEMU still writes one, "ecb-plain64"). */
 static int
 parse_mode (const char *s, struct mode_spec *m)
 {
+  static const char *const names[] = { "ecb", "cbc", "ctr", "xts" };
+  static const enum mode modes[] = { MODE_ECB, MODE_CBC, MODE_CTR, MODE_XTS };
   const char *dash = strchr (s, '-');
   const char *iv;
-  size_t mlen;
+  size_t i, mlen = dash ? (size_t) (dash - s) : strlen (s);
 
   memset (m, 0, sizeof *m);
-  if (dash == NULL)
+  for (i = 0; i < 4; i++)
+    if (mlen == 3 && strncmp (s, names[i], 3) == 0)
+      break;
+  if (i == 4)
+    return q2_err (ENOTSUP, "cipher mode \"%s\" is not supported (ecb, "
+                   "cbc, ctr or xts)", s);
+  m->mode = modes[i];
+  m->ivgen = IVGEN_PLAIN64;
+  if (dash == NULL) {
+    if (m->mode == MODE_ECB)
+      return 0;
     return q2_err (ENOTSUP, "cipher mode \"%s\" is not supported (no IV "
                    "generator)", s);
-  mlen = dash - s;
-  if (mlen == 3 && strncmp (s, "cbc", 3) == 0)
-    m->mode = MODE_CBC;
-  else if (mlen == 3 && strncmp (s, "xts", 3) == 0)
-    m->mode = MODE_XTS;
-  else
-    return q2_err (ENOTSUP, "cipher mode \"%s\" is not supported", s);
+  }
   iv = dash + 1;
   /* QEMU writes "plain64:HASH" when a hash is given for a plain IV; the
    * hash means nothing there. */
@@ -453,22 +488,12 @@ parse_mode (const char *s, struct mode_spec *m)
         m->essiv_hash->hash->digest_size != 24 &&
         m->essiv_hash->hash->digest_size != 32)
       return q2_err (ENOTSUP, "cipher mode \"%s\": the ESSIV hash must give "
-                     "an AES key (16, 24 or 32 bytes)", s);
+                     "a cipher key (16, 24 or 32 bytes)", s);
   }
   else
     return q2_err (ENOTSUP, "cipher mode \"%s\": IV generator \"%s\" is "
                    "not supported", s, iv);
   return 0;
-}
-
-static bool
-key_bytes_ok (const struct mode_spec *m, uint32_t key_bytes)
-{
-  uint32_t k = m->mode == MODE_XTS ? key_bytes / 2 : key_bytes;
-
-  if (m->mode == MODE_XTS && key_bytes % 2 != 0)
-    return false;
-  return k == 16 || k == 24 || k == 32;
 }
 
 /* AF diffusion: each digest-sized block i of d becomes
@@ -531,6 +556,7 @@ af_split_finish (const struct hash_info *hi, uint8_t *dst, size_t key_bytes,
 struct luks_hdr {
   char cipher_name[LH_FIELD_LEN], cipher_mode[LH_FIELD_LEN];
   char hash_spec[LH_FIELD_LEN];
+  const struct family *family;
   struct mode_spec mode;
   const struct hash_info *hash;
   uint32_t key_bytes, mk_digest_iter;
@@ -546,6 +572,7 @@ struct luks_hdr {
 static int
 parse_luks (const uint8_t *hdr, size_t len, struct luks_hdr *h)
 {
+  const struct nettle_cipher *alg;
   int i, r;
 
   memset (h, 0, sizeof *h);
@@ -562,9 +589,11 @@ parse_luks (const uint8_t *hdr, size_t len, struct luks_hdr *h)
       (r = get_str (hdr, LH_CIPHER_MODE, h->cipher_mode, "cipher_mode")) < 0 ||
       (r = get_str (hdr, LH_HASH_SPEC, h->hash_spec, "hash_spec")) < 0)
     return r;
-  if (strcmp (h->cipher_name, "aes") != 0)
+  h->family = find_family (h->cipher_name);
+  if (h->family == NULL)
     return q2_err (ENOTSUP, "LUKS header: cipher_name \"%s\" is not "
-                   "supported (only aes)", h->cipher_name);
+                   "supported (aes, serpent, twofish or cast5)",
+                   h->cipher_name);
   r = parse_mode (h->cipher_mode, &h->mode);
   if (r < 0)
     return q2_err_prefix (r, "LUKS header: cipher_mode");
@@ -573,9 +602,9 @@ parse_luks (const uint8_t *hdr, size_t len, struct luks_hdr *h)
     return q2_err (ENOTSUP, "LUKS header: hash_spec \"%s\" is not supported",
                    h->hash_spec);
   h->key_bytes = q2_be32 (hdr + LH_KEY_BYTES);
-  if (!key_bytes_ok (&h->mode, h->key_bytes))
-    return q2_err (EINVAL, "LUKS header: key_bytes %u is invalid for "
-                   "aes %s", h->key_bytes, h->cipher_mode);
+  if ((r = mode_cipher (h->family, &h->mode, h->key_bytes, &alg)) < 0)
+    return q2_err_prefix (r, "LUKS header: key_bytes %u with %s", 
+                          h->key_bytes, h->cipher_mode);
   h->mk_digest = hdr + LH_MK_DIGEST;
   h->mk_digest_salt = hdr + LH_MK_DIGEST_SALT;
   h->mk_digest_iter = q2_be32 (hdr + LH_MK_DIGEST_ITER);
@@ -607,7 +636,7 @@ parse_luks (const uint8_t *hdr, size_t len, struct luks_hdr *h)
                      MAX_PBKDF2_ITER);
     if (h->slot[i].stripes == 0)
       return q2_err (EINVAL, "LUKS header: key slot %d: stripes is 0", i);
-    if (h->slot[i].km_len % BLOCK != 0)
+    if (h->slot[i].km_len % alg->block_size != 0)
       return q2_err (EINVAL, "LUKS header: key slot %d: key material of "
                      "%llu bytes is not a whole number of cipher blocks", i,
                      (unsigned long long) h->slot[i].km_len);
@@ -636,7 +665,7 @@ try_slot (const uint8_t *hdr, const struct luks_hdr *h, int i,
   h->hash->pbkdf2 (strlen (password), (const uint8_t *) password,
                    h->slot[i].iterations, LUKS_SALT_LEN, h->slot[i].salt,
                    h->key_bytes, slot_key);
-  r = cipher_init (&kc, &h->mode, slot_key, h->key_bytes);
+  r = cipher_init (&kc, h->family, &h->mode, slot_key, h->key_bytes);
   wipe (slot_key, sizeof slot_key);
   if (r < 0) {
     wipe (&kc, sizeof kc);
@@ -659,8 +688,8 @@ try_slot (const uint8_t *hdr, const struct luks_hdr *h, int i,
 static void
 describe_luks (struct q2_crypto *c, const struct luks_hdr *h)
 {
-  snprintf (c->desc, sizeof c->desc, "luks aes-%zu %s %s",
-            c->cipher.aes_len * 8, h->cipher_mode, h->hash_spec);
+  snprintf (c->desc, sizeof c->desc, "luks %s-%u %s %s", h->family->name,
+            c->cipher.alg->key_size * 8, h->cipher_mode, h->hash_spec);
 }
 
 int
@@ -703,7 +732,7 @@ q2_crypto_open_luks (const uint8_t *hdr, size_t len, const char *password,
   if (r == 0)
     return q2_err (EPERM, "invalid password for the encrypted image");
 
-  r = crypto_new (2, &h.mode, mk, h.key_bytes, out);
+  r = crypto_new (2, h.family, &h.mode, mk, h.key_bytes, out);
   wipe (mk, sizeof mk);
   if (r == 0)
     describe_luks (*out, &h);
@@ -725,13 +754,10 @@ q2_crypto_open_key (const char *cipher_mode, const uint8_t *key,
   r = parse_mode (cipher_mode, &m);
   if (r < 0)
     return r;
-  if (key_len > UINT32_MAX || !key_bytes_ok (&m, key_len))
-    return q2_err (EINVAL, "a key of %zu bytes is invalid for aes %s",
-                   key_len, cipher_mode);
-  r = crypto_new (2, &m, key, key_len, out);
+  r = crypto_new (2, find_family ("aes"), &m, key, key_len, out);
   if (r == 0)
-    snprintf ((*out)->desc, sizeof (*out)->desc, "luks aes-%zu %s",
-              (*out)->cipher.aes_len * 8, cipher_mode);
+    snprintf ((*out)->desc, sizeof (*out)->desc, "luks aes-%u %s",
+              (*out)->cipher.alg->key_size * 8, cipher_mode);
   return r;
 }
 
@@ -786,7 +812,12 @@ q2_crypto_create_luks (const char *cipher_alg, const char *cipher_mode,
   struct mode_spec m;
   const struct hash_info *hi;
   struct cipher kc;
-  size_t aes_len, key_bytes, km_len, slot_sectors, area_sectors, area_len;
+  const struct family *f;
+  const struct nettle_cipher *alg;
+  char name[16];
+  unsigned bits;
+  int end = 0;
+  size_t key_bytes, km_len, slot_sectors, area_sectors, area_len;
   uint8_t mk[MAX_KEY], slot_key[MAX_KEY], u[16];
   uint8_t *a = NULL, *km;
   uint32_t digest_iter;
@@ -802,15 +833,17 @@ q2_crypto_create_luks (const char *cipher_alg, const char *cipher_mode,
   if (iterations == 0)
     return q2_err (EINVAL, "LUKS key slot iterations must be > 0");
 
-  if (cipher_alg == NULL || strcmp (cipher_alg, "aes-256") == 0)
-    aes_len = 32;
-  else if (strcmp (cipher_alg, "aes-192") == 0)
-    aes_len = 24;
-  else if (strcmp (cipher_alg, "aes-128") == 0)
-    aes_len = 16;
-  else
+  /* "aes-256", "serpent-128", "cast5-128", ... */
+  if (cipher_alg == NULL)
+    cipher_alg = "aes-256";
+  if (sscanf (cipher_alg, "%15[a-z0-9]-%u%n", name, &bits, &end) != 2 ||
+      cipher_alg[end] != '\0' ||
+      (f = find_family (name)) == NULL || bits % 8 != 0 ||
+      family_cipher (f, bits / 8) == NULL)
     return q2_err (ENOTSUP, "cipher algorithm \"%s\" is not supported "
-                   "(aes-128, aes-192, aes-256)", cipher_alg);
+                   "(aes-128, aes-192, aes-256, serpent-128, serpent-192, "
+                   "serpent-256, twofish-128, twofish-192, twofish-256, "
+                   "cast5-128)", cipher_alg);
 
   if (cipher_mode == NULL)
     cipher_mode = "xts";
@@ -828,7 +861,9 @@ q2_crypto_create_luks (const char *cipher_alg, const char *cipher_mode,
   r = parse_mode (mode_str, &m);
   if (r < 0)
     return r;
-  key_bytes = m.mode == MODE_XTS ? 2 * aes_len : aes_len;
+  key_bytes = m.mode == MODE_XTS ? bits / 4 : bits / 8;
+  if ((r = mode_cipher (f, &m, key_bytes, &alg)) < 0)
+    return q2_err_prefix (r, "%s with %s", cipher_alg, mode_str);
   if (key_bytes * Q2_LUKS_STRIPES % SECTOR != 0)
     return q2_err (ENOTSUP, "%s with %s: the key material (%zu bytes) is "
                    "not a whole number of sectors, which QEMU cannot open",
@@ -853,7 +888,7 @@ q2_crypto_create_luks (const char *cipher_alg, const char *cipher_mode,
 
   memcpy (a, LUKS_MAGIC, LUKS_MAGIC_LEN);
   q2_put_be16 (a + LH_VERSION, 1);
-  strcpy ((char *) a + LH_CIPHER_NAME, "aes");
+  strcpy ((char *) a + LH_CIPHER_NAME, f->name);
   strcpy ((char *) a + LH_CIPHER_MODE, mode_str);
   snprintf ((char *) a + LH_HASH_SPEC, LH_FIELD_LEN, "%s", hi->name);
   q2_put_be32 (a + LH_PAYLOAD_OFFSET, area_sectors);
@@ -900,7 +935,7 @@ q2_crypto_create_luks (const char *cipher_alg, const char *cipher_mode,
   af_split_finish (hi, km, key_bytes, Q2_LUKS_STRIPES, mk);
   hi->pbkdf2 (strlen (password), (const uint8_t *) password, iterations,
               LUKS_SALT_LEN, a + LH_SLOTS + LS_SALT, key_bytes, slot_key);
-  r = cipher_init (&kc, &m, slot_key, key_bytes);
+  r = cipher_init (&kc, f, &m, slot_key, key_bytes);
   if (r == 0)
     cipher_run (&kc, 0, km, km_len, true);
   wipe (&kc, sizeof kc);
@@ -908,11 +943,11 @@ q2_crypto_create_luks (const char *cipher_alg, const char *cipher_mode,
   if (r < 0)
     goto out;
 
-  r = crypto_new (2, &m, mk, key_bytes, out);
+  r = crypto_new (2, f, &m, mk, key_bytes, out);
   if (r < 0)
     goto out;
-  snprintf ((*out)->desc, sizeof (*out)->desc, "luks aes-%zu %s %s",
-            aes_len * 8, mode_str, hi->name);
+  snprintf ((*out)->desc, sizeof (*out)->desc, "luks %s %s %s", cipher_alg,
+            mode_str, hi->name);
   *hdr_out = a;
   *hdr_len = area_len;
   a = NULL;
