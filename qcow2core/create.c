@@ -530,8 +530,8 @@ preallocate_data (int fd, uint64_t start, uint64_t len, const char *what,
 /* QEMU's floor for key slot iterations. */
 #define MIN_SLOT_ITERS 1000
 
-static const char *const luks_hashes[] = { "sha1", "sha256", "sha384",
-                                           "sha512" };
+static const char *const luks_hashes[] = { "md5", "sha1", "sha224", "sha256",
+                                           "sha384", "sha512", "ripemd160" };
 
 static bool
 is_one_of (const char *v, const char *const *list, size_t n)
@@ -605,18 +605,22 @@ validate_encrypt (const struct q2_create_opts *o)
     if (o->ivgen_alg && !is_one_of (o->ivgen_alg, ivgens, 3))
       return q2_err (ENOTSUP, "encrypt.ivgen-alg: '%s' is not supported "
                      "(plain64, plain or essiv)", o->ivgen_alg);
-    if (o->hash_alg && !is_one_of (o->hash_alg, luks_hashes, 4))
+    if (o->hash_alg && !is_one_of (o->hash_alg, luks_hashes, 7))
       return q2_err (ENOTSUP, "encrypt.hash-alg: '%s' is not supported "
-                     "(sha1, sha256, sha384 or sha512)", o->hash_alg);
-    if (o->ivgen_hash_alg && !is_one_of (o->ivgen_hash_alg, luks_hashes, 4))
+                     "(md5, sha1, sha224, sha256, sha384, sha512 or "
+                     "ripemd160)", o->hash_alg);
+    if (o->ivgen_hash_alg && !is_one_of (o->ivgen_hash_alg, luks_hashes, 7))
       return q2_err (ENOTSUP, "encrypt.ivgen-hash-alg: '%s' is not "
                      "supported", o->ivgen_hash_alg);
-    /* ESSIV keys AES with the hash: only a 32-byte digest fits. */
+    /* ESSIV keys the cipher with the digest: only md5 (16 bytes) and
+     * sha256 (32) fit. */
     if (o->ivgen_alg && strcmp (o->ivgen_alg, "essiv") == 0 &&
-        o->ivgen_hash_alg && strcmp (o->ivgen_hash_alg, "sha256") != 0)
+        o->ivgen_hash_alg && strcmp (o->ivgen_hash_alg, "sha256") != 0 &&
+        strcmp (o->ivgen_hash_alg, "md5") != 0)
       return q2_err (ENOTSUP, "No AES cipher with key size %d available",
-                     strcmp (o->ivgen_hash_alg, "sha1") == 0 ? 20 :
-                     strcmp (o->ivgen_hash_alg, "sha384") == 0 ? 48 : 64);
+                     strcmp (o->ivgen_hash_alg, "sha224") == 0 ? 28 :
+                     strcmp (o->ivgen_hash_alg, "sha384") == 0 ? 48 :
+                     strcmp (o->ivgen_hash_alg, "sha512") == 0 ? 64 : 20);
     if (o->cipher_alg && strstr (o->cipher_alg, "-192") &&
         o->cipher_mode && strcmp (o->cipher_mode, "xts") != 0)
       return q2_err (ENOTSUP, "encrypt.cipher-alg: %s with %s is not "

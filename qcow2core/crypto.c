@@ -21,10 +21,13 @@
 #include <nettle/cast128.h>
 #include <nettle/cbc.h>
 #include <nettle/ctr.h>
+#include <nettle/hmac.h>
+#include <nettle/md5.h>
 #include <nettle/memops.h>
 #include <nettle/memxor.h>
 #include <nettle/nettle-meta.h>
 #include <nettle/pbkdf2.h>
+#include <nettle/ripemd160.h>
 #include <nettle/serpent.h>
 #include <nettle/sha1.h>
 #include <nettle/sha2.h>
@@ -49,23 +52,47 @@ typedef void pbkdf2_fn (size_t key_length, const uint8_t *key,
                         unsigned iterations, size_t salt_length,
                         const uint8_t *salt, size_t length, uint8_t *dst);
 
+/* PBKDF2 for the hashes nettle has no shortcut for. */
+#define DEFINE_PBKDF2(name, NAME)                                       \
+  static void                                                           \
+  pbkdf2_##name (size_t key_length, const uint8_t *key,                 \
+                 unsigned iterations, size_t salt_length,               \
+                 const uint8_t *salt, size_t length, uint8_t *dst)      \
+  {                                                                     \
+    struct hmac_##name##_ctx ctx;                                       \
+    hmac_##name##_set_key (&ctx, key_length, key);                      \
+    PBKDF2 (&ctx, hmac_##name##_update, hmac_##name##_digest,           \
+            NAME##_DIGEST_SIZE, iterations, salt_length, salt,          \
+            length, dst);                                               \
+    explicit_bzero (&ctx, sizeof ctx);                                  \
+  }
+DEFINE_PBKDF2 (md5, MD5)
+DEFINE_PBKDF2 (sha224, SHA224)
+DEFINE_PBKDF2 (ripemd160, RIPEMD160)
+
 struct hash_info {
   const char *name;
   const struct nettle_hash *hash;
   pbkdf2_fn *pbkdf2;
 };
 
+/* Every hash QEMU's LUKS driver takes. */
 static const struct hash_info hashes[] = {
+  { "md5", &nettle_md5, pbkdf2_md5 },
   { "sha1", &nettle_sha1, pbkdf2_hmac_sha1 },
+  { "sha224", &nettle_sha224, pbkdf2_sha224 },
   { "sha256", &nettle_sha256, pbkdf2_hmac_sha256 },
   { "sha384", &nettle_sha384, pbkdf2_hmac_sha384 },
   { "sha512", &nettle_sha512, pbkdf2_hmac_sha512 },
+  { "ripemd160", &nettle_ripemd160, pbkdf2_ripemd160 },
 };
 
 union hash_ctx {
+  struct md5_ctx md5;
   struct sha1_ctx sha1;
-  struct sha256_ctx sha256;
+  struct sha256_ctx sha256;             /* also sha224 */
   struct sha512_ctx sha512;             /* also sha384 */
+  struct ripemd160_ctx ripemd160;
 };
 
 static const struct hash_info *
@@ -873,8 +900,8 @@ q2_crypto_create_luks (const char *cipher_alg, const char *cipher_mode,
     hash = "sha256";
   hi = find_hash (hash);
   if (hi == NULL)
-    return q2_err (ENOTSUP, "hash \"%s\" is not supported (sha1, sha256, "
-                   "sha384, sha512)", hash);
+    return q2_err (ENOTSUP, "hash \"%s\" is not supported (md5, sha1, "
+                   "sha224, sha256, sha384, sha512, ripemd160)", hash);
 
   /* QEMU's layout. */
   km_len = key_bytes * Q2_LUKS_STRIPES;

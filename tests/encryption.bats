@@ -399,13 +399,14 @@ refused ()
     [[ "$output" == *'"cipher-alg": "aes-256"'* ]]
 }
 
-# luks_cases: "alg mode ivgen" for every cipher and mode QEMU 7.2 makes,
-# the IV generators in turn.  QEMU aborts on 24-byte keys but in XTS
+# luks_cases: "alg mode ivgen hash" for every cipher and mode QEMU 7.2
+# makes, the IV generators and hashes in turn.  QEMU aborts on 24-byte keys but in XTS
 # (their key material is not whole sectors); cast5 has 8-byte blocks:
 # no XTS, and no ESSIV cipher.
 luks_cases ()
 {
     local alg mode n=0 ivs=(plain64 plain essiv) iv
+    local hashes=(sha256 md5 sha1 sha224 sha384 sha512 ripemd160)
     for alg in aes-128 aes-256 serpent-128 serpent-192 serpent-256 \
                twofish-128 twofish-192 twofish-256 cast5-128; do
         for mode in ecb cbc ctr xts; do
@@ -413,9 +414,9 @@ luks_cases ()
             *-192) [ $mode = xts ] || continue ;;
             cast5-*) [ $mode != xts ] || continue ;;
             esac
-            iv=${ivs[$((n++ % 3))]}
+            iv=${ivs[$((n % 3))]}
             [ $alg != cast5-128 ] || [ $iv != essiv ] || iv=plain
-            echo "$alg $mode $iv"
+            echo "$alg $mode $iv ${hashes[$((n++ % 7))]}"
         done
     done
 }
@@ -434,16 +435,18 @@ print(\"RW-OK\")"'
     [[ "$output" == *RW-OK* ]]
 }
 
-@test "LUKS with every cipher (aes, serpent, twofish, cast5), mode (ecb, cbc, ctr, xts) and IV generator: images qcow2-tool makes open in QEMU, and the plugin reads and writes them as QEMU does" {
+@test "LUKS with every cipher (aes, serpent, twofish, cast5), mode (ecb, cbc, ctr, xts), IV generator and hash: images qcow2-tool makes open in QEMU, and the plugin reads and writes them as QEMU does" {
     cd "$BATS_TEST_TMPDIR"
-    local alg mode iv n=0
-    while read -r alg mode iv; do
+    local alg mode iv hash n=0
+    while read -r alg mode iv hash; do
         rm -f t.qcow2
-        "$TOOL" create -q -o encrypt.format=luks,encrypt.cipher-alg=$alg,encrypt.cipher-mode=$mode,encrypt.ivgen-alg=$iv,encrypt.iter=1000 \
+        "$TOOL" create -q -o encrypt.format=luks,encrypt.cipher-alg=$alg,encrypt.cipher-mode=$mode,encrypt.ivgen-alg=$iv,encrypt.hash-alg=$hash,encrypt.iter=1000 \
             --object "$SEC" -o encrypt.key-secret=sec0 t.qcow2 4M
         run -0 qemu-img info --output=json t.qcow2
-        [[ "$output" == *"\"cipher-alg\": \"$alg\""*"\"cipher-mode\": \"$mode\""* ]] ||
-            { echo "$alg $mode $iv: $output" >&3; return 1; }
+        [[ "$output" == *"\"cipher-alg\": \"$alg\""* &&
+           "$output" == *"\"cipher-mode\": \"$mode\""* &&
+           "$output" == *"\"hash-alg\": \"$hash\""* ]] ||
+            { echo "$alg $mode $iv $hash: $output" >&3; return 1; }
         qio t.qcow2 -c 'write -P 7 1000 70000'
         luks_plugin_rw "$PWD/t.qcow2" || { echo "$alg $mode $iv: $output" >&3; return 1; }
         qio t.qcow2 -c 'read -P 9 300000 5000' -c 'read -P 7 1000 70000'
@@ -453,18 +456,19 @@ print(\"RW-OK\")"'
     [ "$n" -eq 29 ]
 }
 
-@test "LUKS images QEMU makes with serpent, twofish and cast5, and with ecb and ctr: the plugin reads and writes them as QEMU does" {
+@test "LUKS images QEMU makes with serpent, twofish and cast5, with ecb and ctr, and with md5, sha224 and ripemd160: the plugin reads and writes them as QEMU does" {
     cd "$BATS_TEST_TMPDIR"
-    local alg mode iv
+    local alg mode iv hash ivhash
     # QEMU's PBKDF2 calibration costs 2 s per image: a cover of the
     # matrix above, each cipher and each mode at least twice.
-    for v in "aes-128 ecb plain64" "aes-256 ctr essiv" "serpent-128 cbc plain" \
-             "serpent-192 xts essiv" "twofish-128 ctr plain" \
-             "twofish-256 ecb essiv" "twofish-192 xts plain64" \
-             "cast5-128 cbc plain64" "cast5-128 ctr plain"; do
-        read -r alg mode iv <<<"$v"
+    for v in "aes-128 ecb plain64 md5 sha256" "aes-256 ctr essiv sha224 md5" \
+             "serpent-128 cbc plain ripemd160 sha256" \
+             "serpent-192 xts essiv sha512 sha256" "twofish-128 ctr plain sha1 sha256" \
+             "twofish-256 ecb essiv sha384 sha256" "twofish-192 xts plain64 sha256 sha256" \
+             "cast5-128 cbc plain64 sha256 sha256" "cast5-128 ctr plain md5 sha256"; do
+        read -r alg mode iv hash ivhash <<<"$v"
         rm -f t.qcow2
-        qcreate -o "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=$alg,encrypt.cipher-mode=$mode,encrypt.ivgen-alg=$iv,encrypt.ivgen-hash-alg=sha256,encrypt.iter-time=200" \
+        qcreate -o "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=$alg,encrypt.cipher-mode=$mode,encrypt.ivgen-alg=$iv,encrypt.ivgen-hash-alg=$ivhash,encrypt.hash-alg=$hash,encrypt.iter-time=200" \
             t.qcow2 4M
         qio t.qcow2 -c 'write -P 7 1000 70000'
         luks_plugin_rw "$PWD/t.qcow2" || { echo "$alg $mode $iv: $output" >&3; return 1; }

@@ -364,7 +364,7 @@ static void m_mode_nodash (uint8_t *a)
 static void m_hash (uint8_t *a)
 {
   memset (a + 72, 0, 32);
-  strcpy ((char *) a + 72, "md5");
+  strcpy ((char *) a + 72, "whirlpool");
 }
 static void m_hash_unterminated (uint8_t *a) { memset (a + 72, 's', 32); }
 static void m_no_slots (uint8_t *a)
@@ -402,7 +402,7 @@ check_damaged (const uint8_t *area, size_t len)
     { "cipher unterminated", m_cipher_unterminated, -EINVAL },
     { "mode xts-bogus", m_mode, -ENOTSUP },
     { "mode without ivgen", m_mode_nodash, -ENOTSUP },
-    { "hash md5", m_hash, -ENOTSUP },
+    { "hash whirlpool", m_hash, -ENOTSUP },
     { "hash unterminated", m_hash_unterminated, -EINVAL },
     { "no active slot", m_no_slots, -EPERM },
     { "mk digest", m_digest, -EPERM },
@@ -746,7 +746,7 @@ test_xts_reference (void)
   CHECK_EQ_INT (q2_crypto_open_key ("ofb-plain64", key, 16, &c), -ENOTSUP);
   CHECK_EQ_INT (q2_crypto_open_key ("cbc-essiv:sha1", key, 16, &c),
                 -ENOTSUP);
-  CHECK_EQ_INT (q2_crypto_open_key ("cbc-essiv:md5", key, 16, &c), -ENOTSUP);
+  CHECK_EQ_INT (q2_crypto_open_key ("cbc-essiv:sm3", key, 16, &c), -ENOTSUP);
   CHECK (c == NULL);
 }
 
@@ -900,7 +900,7 @@ test_create_luks (void)
                                          &area, &len, &c), -ENOTSUP);
     CHECK_EQ_INT (q2_crypto_create_luks ("aes-192", "cbc", NULL, NULL, PW,
                                          1000, &area, &len, &c), -ENOTSUP);
-    CHECK_EQ_INT (q2_crypto_create_luks (NULL, NULL, NULL, "md5", PW, 1000,
+    CHECK_EQ_INT (q2_crypto_create_luks (NULL, NULL, NULL, "sm3", PW, 1000,
                                          &area, &len, &c), -ENOTSUP);
     CHECK_EQ_INT (q2_crypto_create_luks (NULL, NULL, NULL, NULL, PW, 0,
                                          &area, &len, &c), -EINVAL);
