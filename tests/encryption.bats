@@ -460,11 +460,10 @@ print(\"RW-OK\")"'
     cd "$BATS_TEST_TMPDIR"
     local alg mode iv hash ivhash
     # QEMU's PBKDF2 calibration costs 2-5 s per image: a cover of the
-    # matrix above, each new cipher, mode and hash at least once.
+    # new ciphers, modes and hashes (the test above has every
+    # combination, made by qcow2-tool and checked by QEMU).
     for v in "aes-256 ctr essiv sha224 md5" "serpent-128 cbc plain ripemd160 sha256" \
-             "serpent-192 xts essiv sha512 sha256" "twofish-256 ecb essiv sha384 sha256" \
-             "twofish-128 xts plain64 sha1 sha256" "cast5-128 cbc plain64 md5 sha256" \
-             "cast5-128 ctr plain sha256 sha256"; do
+             "twofish-256 ecb essiv sha384 sha256" "cast5-128 ctr plain md5 sha256"; do
         read -r alg mode iv hash ivhash <<<"$v"
         rm -f t.qcow2
         qcreate -o "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=$alg,encrypt.cipher-mode=$mode,encrypt.ivgen-alg=$iv,encrypt.ivgen-hash-alg=$ivhash,encrypt.hash-alg=$hash,encrypt.iter-time=200" \
