@@ -257,20 +257,15 @@ get_le64 (const uint8_t *p)
 static inline void
 make_iv (const struct cipher *c, uint64_t sector, uint8_t iv[BLOCK])
 {
-  uint8_t e[BLOCK] = { 0 };
-  size_t niv = c->alg->block_size;
-
   memset (iv, 0, BLOCK);
   if (c->ivgen == IVGEN_PLAIN)
     put_le64 (iv, sector & 0xffffffffU);
   else
     put_le64 (iv, sector);
-  if (c->ivgen == IVGEN_ESSIV) {
-    /* A block of the ESSIV cipher, cut to the data cipher's. */
-    put_le64 (e, sector);
-    c->essiv_alg->encrypt (&c->essiv, c->essiv_alg->block_size, e, e);
-    memcpy (iv, e, niv);
-  }
+  /* ESSIV ciphers (AES, Serpent, Twofish) have 16-byte blocks, as does
+   * every data cipher they go with: CAST5 takes no ESSIV. */
+  if (c->ivgen == IVGEN_ESSIV)
+    c->essiv_alg->encrypt (&c->essiv, BLOCK, iv, iv);
 }
 
 /* XTS (IEEE 1619) on one sector of n bytes, a multiple of 16 and at most
